@@ -1,0 +1,32 @@
+# Everything a newcomer needs: `make run` and `make test` each set up the
+# virtual environment first; nothing else is assumed installed but Python 3.11.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+SAMPLE := sample/input
+OUT := out
+
+.PHONY: setup run test clean
+
+setup: $(STAMP)
+
+$(STAMP): setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+$(SAMPLE): | $(STAMP)
+	$(PY) -m devtools.sample_data $(SAMPLE)
+
+run: $(STAMP) $(SAMPLE)
+	$(PY) -m pipeline --input $(SAMPLE) --bucket $(OUT)/bucket \
+	    --collection IRB41449 --metadata_output $(OUT)/metadata
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf $(OUT) sample

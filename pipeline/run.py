@@ -1,0 +1,157 @@
+"""Build and run the graph: discover -> flag PHI -> read headers -> flag PHI
+-> group by study -> write study archive -> build rows -> sink rows; report.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import os
+import sys
+import uuid
+from typing import List, Optional
+
+import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.metrics.metric import MetricsFilter
+from apache_beam.options.pipeline_options import (DirectOptions,
+                                                  PipelineOptions,
+                                                  StandardOptions)
+from apache_beam.portability.api import beam_provision_api_pb2
+from apache_beam.runners.portability.fn_api_runner import fn_runner
+from apache_beam.runners.portability.portable_runner import JobServiceHandle
+
+from pipeline import __version__
+from pipeline.options import OptionsError, RunConfig, StorageOptions, resolve
+from transforms.archive import WriteStudyArchive
+from transforms.dicom import ReadHeaders
+from transforms.discover import (DiscoverEntityFiles, InputError,
+                                 check_input_roots)
+from transforms.keys import join_uri
+from transforms.phi import FlagPhiByHeader, FlagPhiByPath
+from transforms.report import WriteRunReport, format_summary, read_report
+from transforms.rows import BuildRows
+from transforms.sinks import CheckRows, WriteJsonLines, WriteRowsLocal
+from transforms.studies import GroupStudies
+
+EXCLUDED = "excluded"
+
+
+def new_run_id() -> str:
+  now = datetime.datetime.now(datetime.timezone.utc)
+  return now.strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:8]
+
+
+def local_runner(options: PipelineOptions, argv: List[str]):
+  """The runner for a DirectRunner run, using every core by default.
+
+  Beam's DirectRunner first tries to download the Prism runner binary, which
+  fails offline and then falls back to the FnApiRunner for a batch pipeline
+  like this one; we build that FnApiRunner directly, the way the DirectRunner
+  does. Other runners (Dataflow ...) are left to Beam: returns None.
+  """
+  if options.view_as(StandardOptions).runner not in (None, "DirectRunner"):
+    return None
+  direct = options.view_as(DirectOptions)
+  if not any(a.startswith("--direct_num_workers") for a in argv):
+    direct.direct_num_workers = os.cpu_count() or 1
+  if not any(a.startswith("--direct_running_mode") for a in argv):
+    direct.direct_running_mode = "multi_processing"
+  encoded = JobServiceHandle.encode_pipeline_options(options.get_all_options())
+  return fn_runner.FnApiRunner(provision_info=fn_runner.ExtendedProvisionInfo(
+      beam_provision_api_pb2.ProvisionInfo(pipeline_options=encoded)))
+
+
+def check_destination(bucket: str, run_id: str) -> None:
+  """Fails fast when the bucket cannot take an object."""
+  probe = join_uri(bucket, f".write-probe-{run_id}")
+  try:
+    with FileSystems.create(probe) as f:
+      f.write(b"probe")
+    FileSystems.delete([probe])
+  except Exception as e:  # pylint: disable=broad-except
+    raise OptionsError(f"--bucket {bucket!r} is not writable: {e}") from e
+
+
+def build(p: beam.Pipeline, config: RunConfig, run_id: str) -> None:
+  """The graph, in the order the product is described."""
+  found = p | "Discover" >> DiscoverEntityFiles(config.input_roots)
+  path_checked = found.files | "FlagPhiByPath" >> FlagPhiByPath(
+      config.phi_rules)
+  read = path_checked.kept | "ReadHeaders" >> ReadHeaders()
+  header_checked = read.images | "FlagPhiByHeader" >> FlagPhiByHeader(
+      config.phi_rules)
+  grouped = header_checked.kept | "GroupStudies" >> GroupStudies(
+      config.collection, config.item_id)
+  written = grouped["studies"] | "WriteStudyArchive" >> WriteStudyArchive(
+      config.bucket, config.compression_level)
+  rows = written.stored | "BuildRows" >> BuildRows(
+      config.collection, run_id, __version__)
+  checked = rows | "CheckRows" >> CheckRows()
+  checked.valid | "WriteRows" >> WriteRowsLocal(config.metadata_output)
+  checked.dead_letter | "WriteDeadLetter" >> WriteJsonLines(
+      config.dead_letter, "dead_letter")
+
+  excluded = [found[EXCLUDED], path_checked[EXCLUDED], read[EXCLUDED],
+              header_checked[EXCLUDED], grouped[EXCLUDED], written[EXCLUDED]]
+  seen = ((found.files | "SeenPaths" >> beam.Map(lambda f: f.path),
+           found[EXCLUDED] | "RootPaths" >> beam.Map(lambda e: e.path))
+          | "AllSeen" >> beam.Flatten())
+  _ = {
+      "seen": seen,
+      "files": found.files,
+      "excluded": excluded | "AllExcluded" >> beam.Flatten(),
+      "stored": written.stored,
+      "rows": checked.valid,
+      "dead_letter": checked.dead_letter,
+  } | "WriteRunReport" >> WriteRunReport(
+      config.report, run_id, __version__, config.collection)
+
+
+def _counter(result, name: str) -> int:
+  counters = result.metrics().query(MetricsFilter().with_name(name))["counters"]
+  return sum((c.committed or c.attempted or 0) for c in counters)
+
+
+def run(argv: Optional[List[str]] = None) -> dict:
+  """Runs the pipeline; returns the run report. Raises OptionsError."""
+  argv = list(sys.argv[1:] if argv is None else argv)
+  options = PipelineOptions(argv)
+  run_id = new_run_id()
+  config = resolve(options.view_as(StorageOptions), run_id)
+  try:
+    check_input_roots(config.input_roots)
+  except InputError as e:
+    raise OptionsError(str(e)) from e
+  check_destination(config.bucket, run_id)
+  p = beam.Pipeline(runner=local_runner(options, argv), options=options)
+  build(p, config, run_id)
+  result = p.run()
+  result.wait_until_finish()
+
+  report = read_report(config.report)
+  report["summary"]["input_bytes_read"] = (
+      _counter(result, "header_bytes_read") + _counter(result, "source_bytes_read"))
+  report["report_path"] = config.report
+  report["metadata_output"] = config.metadata_output
+  report["bucket"] = config.bucket
+  with FileSystems.create(config.report) as f:
+    f.write(json.dumps(report, indent=1, sort_keys=True).encode("utf-8"))
+  return report
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+  try:
+    report = run(argv)
+  except OptionsError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  print(format_summary(report))
+  print(f"  objects under {report['bucket']}/Collection/{report['collection']}/")
+  print(f"  rows in {report['metadata_output']}/rows.json; "
+        f"report {report['report_path']}")
+  if report["summary"]["failed"]:
+    print(f"error: {report['summary']['failed']} files could not be stored; "
+          "see 'failed' in the report", file=sys.stderr)
+    return 1
+  return 0

@@ -1,0 +1,33 @@
+"""Package for the DICOM storage pipeline; Dataflow workers install it with
+--setup_file ./setup.py. Pins are what the workers need to match the launcher."""
+import re
+from pathlib import Path
+
+import setuptools
+
+VERSION = re.search(r'__version__ = "([^"]+)"',
+                    Path(__file__).with_name("pipeline").joinpath(
+                        "__init__.py").read_text()).group(1)
+
+BEAM_VERSION = "2.77.0"
+
+setuptools.setup(
+    name="dicom-storage-pipeline",
+    version=VERSION,
+    description="Beam pipeline: de-identified DICOM entity folders -> "
+                "per-study .tar.gz objects in Cloud Storage + BigQuery rows",
+    packages=setuptools.find_packages(include=["pipeline", "transforms"]),
+    python_requires=">=3.10",
+    install_requires=[
+        f"apache-beam[gcp]=={BEAM_VERSION}",
+        "pydicom==3.0.2",
+        "isal==1.9.1",
+        "google-cloud-storage>=2.18,<4",
+        "google-crc32c>=1.5,<2",
+    ],
+    extras_require={
+        "dev": [
+            "pytest>=8",
+        ],
+    },
+)

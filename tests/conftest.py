@@ -1,0 +1,38 @@
+"""Shared fixtures: a generated sample tree and a way to run the pipeline."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List
+
+import pytest
+
+from devtools.sample_data import build_sample
+from pipeline.run import run
+
+# Tests run the DirectRunner in one process unless they ask for more: the
+# multi-process mode is covered by its own end-to-end test.
+IN_PROCESS = ["--direct_num_workers=1", "--direct_running_mode=in_memory"]
+
+
+@pytest.fixture(scope="session")
+def sample(tmp_path_factory):
+  root = tmp_path_factory.mktemp("sample") / "input"
+  made = build_sample(root, seed=7)
+  return root, made
+
+
+def run_pipeline(input_root: Path, out: Path, *extra: str,
+                 collection: str = "IRB41449") -> dict:
+  argv: List[str] = [
+      f"--input={input_root}", f"--bucket={out / 'bucket'}",
+      f"--collection={collection}", f"--metadata_output={out / 'metadata'}",
+      *extra]
+  if not any(a.startswith("--direct_running_mode") for a in extra):
+    argv += IN_PROCESS
+  return run(argv)
+
+
+def read_rows(metadata_dir: Path) -> List[dict]:
+  path = metadata_dir / "rows.json"
+  return [json.loads(line) for line in path.read_text().splitlines() if line]

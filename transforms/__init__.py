@@ -1,0 +1,1 @@
+"""PTransforms and DoFns of the DICOM storage pipeline, one concern per module."""

@@ -1,0 +1,161 @@
+"""Read DICOM headers: parse up to the pixel data, export the header as JSON.
+
+The header export follows the DICOM JSON model (PS3.18 F.2) as pydicom's
+Dataset.to_json_dict() writes it, nested sequences included at any depth.
+It is built element by element so that one malformed value is kept as raw
+text instead of losing the whole header, and bulk binary values (pixel data,
+large OB/OW/UN blobs) are left out.
+"""
+from __future__ import annotations
+
+import json
+import math
+from typing import Any, Dict, Iterable, Optional
+
+import apache_beam as beam
+import pydicom
+from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.metrics import Metrics
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+
+from transforms.records import REJECTED, Excluded, ImageRecord, SourceFile
+
+EXCLUDED_TAG = "excluded"
+# Binary values larger than this are bulk data: left out of the header JSON.
+BULK_DATA_THRESHOLD = 1024
+_BINARY_VRS = {"OB", "OD", "OF", "OL", "OV", "OW", "UN", "OB or OW", "US or OW"}
+
+
+def open_source(path: str):
+  """Opens an input file as raw bytes (never auto-decompressed by suffix)."""
+  return FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED)
+
+
+def _json_safe(value: Any) -> bool:
+  try:
+    json.dumps(value, allow_nan=False)
+    return True
+  except (TypeError, ValueError):
+    return False
+
+
+def _raw_text(raw_value: Any) -> str:
+  if isinstance(raw_value, bytes):
+    # latin-1 maps every byte, so nothing is lost however the text was encoded.
+    return raw_value.decode("latin-1").strip("\x00 ")
+  return str(raw_value)
+
+
+def header_to_json(ds: Dataset) -> Dict[str, Dict[str, Any]]:
+  """The dataset's elements in the DICOM JSON model, keyed by 'GGGGEEEE'."""
+  out: Dict[str, Dict[str, Any]] = {}
+  for tag in sorted(ds.keys()):
+    key = f"{int(tag):08X}"
+    try:
+      elem = ds[tag]
+    except Exception:  # pylint: disable=broad-except
+      # The value could not be decoded: keep its raw text, flag it as such.
+      raw = ds.get_item(tag)
+      out[key] = {"vr": "UN" if raw.VR is None else str(raw.VR),
+                  "Value": [_raw_text(raw.value)], "InvalidValue": True}
+      continue
+    vr = str(elem.VR)
+    if tag == 0x7FE00010 or (vr in _BINARY_VRS and elem.value is not None
+                             and len(elem.value) > BULK_DATA_THRESHOLD):
+      continue
+    if vr == "SQ":
+      out[key] = {"vr": "SQ",
+                  "Value": [header_to_json(item) for item in elem.value]}
+      continue
+    try:
+      converted = elem.to_json_dict(
+          bulk_data_element_handler=None,
+          bulk_data_threshold=BULK_DATA_THRESHOLD)
+    except Exception:  # pylint: disable=broad-except
+      converted = None
+    if converted is None or not _json_safe(converted):
+      raw = ds.get_item(tag)
+      text = _raw_text(getattr(raw, "value", None) or elem.value)
+      converted = {"vr": vr, "Value": [text], "InvalidValue": True}
+    out[key] = converted
+  return out
+
+
+def first_value(header: Dict[str, Any], keyword_tag: str) -> Optional[Any]:
+  """The first value of a top-level element of a header JSON, or None."""
+  elem = header.get(keyword_tag)
+  if not elem:
+    return None
+  values = elem.get("Value")
+  if not values:
+    return None
+  return values[0]
+
+
+_STUDY_UID, _SERIES_UID, _SOP_UID = "0020000D", "0020000E", "00080018"
+
+
+def read_image_record(source: SourceFile, fileobj) -> ImageRecord:
+  """Parses one file's header. Raises ValueError with a reason on bad input."""
+  if source.size_bytes == 0:
+    raise ValueError("empty file (0 bytes)")
+  try:
+    ds = pydicom.dcmread(fileobj, stop_before_pixels=True)
+  except InvalidDicomError as e:
+    raise ValueError(f"not a DICOM file: {e}") from e
+  except Exception as e:  # pylint: disable=broad-except
+    raise ValueError(f"DICOM header cannot be parsed: "
+                     f"{type(e).__name__}: {e}") from e
+  header = header_to_json(ds)
+  uids = {}
+  for name, tag in (("StudyInstanceUID", _STUDY_UID),
+                    ("SeriesInstanceUID", _SERIES_UID),
+                    ("SOPInstanceUID", _SOP_UID)):
+    value = first_value(header, tag)
+    value = str(value).strip() if value is not None else ""
+    if not value and name != "SeriesInstanceUID":
+      raise ValueError(f"header lacks {name}")
+    uids[name] = value
+  meta = getattr(ds, "file_meta", None)
+  ts = meta.get("TransferSyntaxUID") if meta is not None else None
+  return ImageRecord(
+      source=source,
+      study_instance_uid=uids["StudyInstanceUID"],
+      series_instance_uid=uids["SeriesInstanceUID"],
+      sop_instance_uid=uids["SOPInstanceUID"],
+      header=header,
+      transfer_syntax_uid=str(ts) if ts else None)
+
+
+class _ReadHeader(beam.DoFn):
+  def __init__(self):
+    self.read = Metrics.counter("dicom", "headers_read")
+    self.rejected = Metrics.counter("dicom", "files_rejected")
+    self.bytes_read = Metrics.counter("dicom", "header_bytes_read")
+
+  def process(self, source: SourceFile) -> Iterable[Any]:
+    try:
+      with open_source(source.path) as f:
+        try:
+          record = read_image_record(source, f)
+        finally:
+          self.bytes_read.inc(f.tell())
+    except Exception as e:  # pylint: disable=broad-except
+      # Any failure on one file is that file's reason, never the run's end.
+      self.rejected.inc()
+      yield beam.pvalue.TaggedOutput(
+          EXCLUDED_TAG,
+          Excluded(source.path, source.entity_id, REJECTED, str(e)))
+      return
+    self.read.inc()
+    yield record
+
+
+class ReadHeaders(beam.PTransform):
+  """SourceFile -> ImageRecord (main) and Excluded for bad files ('excluded')."""
+
+  def expand(self, files):
+    return files | "ReadHeader" >> beam.ParDo(_ReadHeader()).with_outputs(
+        EXCLUDED_TAG, main="images")

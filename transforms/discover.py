@@ -1,0 +1,113 @@
+"""Find the input files: one folder per entity under each input root.
+
+Listing goes through Beam's FileSystems, so local folders and gs:// prefixes
+take the same path. A Reshuffle after listing breaks fusion, so that the
+files of one large root spread over all workers.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Iterable, List, Sequence
+
+import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.metrics import Metrics
+
+from transforms.keys import UnsafeKeyComponent, check_key_component
+from transforms.records import REJECTED, Excluded, SourceFile
+
+EXCLUDED_TAG = "excluded"
+_GLOB_CHARS = set("*?[")
+
+
+class InputError(ValueError):
+  """An input root that cannot be used; raised before any work."""
+
+
+def split_input_roots(value: str) -> List[str]:
+  """--input accepts one root or a comma-separated list of roots/globs."""
+  roots = [r.strip().rstrip("/") for r in (value or "").split(",") if r.strip()]
+  if not roots:
+    raise InputError("--input names no folder")
+  for root in roots:
+    if "**" in root:
+      raise InputError(
+          f"--input {root!r}: '**' is not allowed; a root's own depth must be "
+          "fixed so that the entity folder directly below it is known")
+  return roots
+
+
+def check_input_roots(roots: Sequence[str]) -> None:
+  """Fails fast when a root is unreadable or holds no file at all."""
+  for root in roots:
+    try:
+      found = FileSystems.match([root + "/**"], limits=[1])[0].metadata_list
+    except Exception as e:  # pylint: disable=broad-except
+      raise InputError(f"--input {root!r} cannot be listed: {e}") from e
+    if not found:
+      raise InputError(f"--input {root!r} holds no files (or does not exist)")
+
+
+def source_file_for(root: str, path: str, size_bytes: int) -> SourceFile:
+  """Splits a listed path into entity id and path below the entity folder.
+
+  The root may be a glob; its number of path components is what matters.
+  Raises UnsafeKeyComponent for a file outside any entity folder or under
+  an entity folder whose name cannot be part of an object key.
+  """
+  depth = len(root.rstrip("/").split("/"))
+  parts = path.split("/")
+  if len(parts) <= depth + 1:
+    raise UnsafeKeyComponent("file lies directly in the input root, not "
+                             "inside an entity folder")
+  entity_id = check_key_component(parts[depth], "entity folder name")
+  return SourceFile(path=path, entity_id=entity_id,
+                    relpath="/".join(parts[depth + 1:]), size_bytes=size_bytes)
+
+
+class _ListRoot(beam.DoFn):
+  """Lists every file below one input root."""
+
+  def __init__(self):
+    self.listed = Metrics.counter("discover", "files_listed")
+
+  def process(self, root: str) -> Iterable[tuple]:
+    for result in FileSystems.match([root + "/**"]):
+      for meta in result.metadata_list:
+        self.listed.inc()
+        yield root, meta.path, meta.size_in_bytes
+
+
+class _ToSourceFile(beam.DoFn):
+  def __init__(self):
+    self.rejected = Metrics.counter("discover", "files_rejected")
+
+  def process(self, listed: tuple):
+    root, path, size_bytes = listed
+    try:
+      yield source_file_for(root, path, size_bytes)
+    except UnsafeKeyComponent as e:
+      self.rejected.inc()
+      parts = path[len(root):].strip("/").split("/")
+      entity = parts[0] if len(parts) > 1 else ""
+      yield beam.pvalue.TaggedOutput(
+          EXCLUDED_TAG, Excluded(path, entity, REJECTED, str(e)))
+
+
+class DiscoverEntityFiles(beam.PTransform):
+  """Input roots -> SourceFile per file (main) and Excluded ('excluded')."""
+
+  def __init__(self, roots: Sequence[str]):
+    super().__init__()
+    self.roots = list(roots)
+
+  def expand(self, pbegin):
+    listed = (
+        pbegin
+        | "Roots" >> beam.Create(self.roots)
+        | "ListRoot" >> beam.ParDo(_ListRoot())
+        # Listing runs on one worker; spread the files over all of them.
+        | "SpreadFiles" >> beam.Reshuffle())
+    logging.info("Listing input roots: %s", ", ".join(self.roots))
+    return listed | "ToSourceFile" >> beam.ParDo(_ToSourceFile()).with_outputs(
+        EXCLUDED_TAG, main="files")

@@ -1,0 +1,115 @@
+"""Flag images that may hold PHI in their pixels: they are never stored.
+
+Rules are pluggable: each has a name and a check that returns a reason or
+None. Path rules run before a file is even opened; header rules run on the
+parsed header. The first matching rule's reason goes to the report.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Optional, Sequence
+
+import apache_beam as beam
+from apache_beam.metrics import Metrics
+
+from transforms.dicom import first_value
+from transforms.records import FLAGGED, Excluded, ImageRecord, SourceFile
+
+EXCLUDED_TAG = "excluded"
+PHI_FOLDER = "PHI"
+_BURNED_IN_ANNOTATION = "00280301"
+
+
+class PhiFolderRule:
+  """The original system's quarantine: anything under a folder named PHI."""
+  name = "folder"
+
+  def check(self, source: SourceFile) -> Optional[str]:
+    folders = source.relpath.split("/")[:-1]
+    if PHI_FOLDER in folders:
+      return f"lies under a '{PHI_FOLDER}' folder of its entity"
+    return None
+
+
+class BurnedInAnnotationRule:
+  """The header says the pixels carry burned-in text."""
+  name = "header"
+
+  def check(self, image: ImageRecord) -> Optional[str]:
+    value = first_value(image.header, _BURNED_IN_ANNOTATION)
+    if value is not None and str(value).strip().upper() == "YES":
+      return "header BurnedInAnnotation is YES"
+    return None
+
+
+PATH_RULES = {"folder": PhiFolderRule}
+HEADER_RULES = {"header": BurnedInAnnotationRule}
+DEFAULT_RULES = ("folder", "header")
+
+
+def check_rule_names(names: Sequence[str]) -> None:
+  known = set(PATH_RULES) | set(HEADER_RULES)
+  unknown = [n for n in names if n not in known]
+  if unknown:
+    raise ValueError(f"--phi_rules: unknown rule(s) {', '.join(unknown)}; "
+                     f"known: {', '.join(sorted(known))}")
+
+
+class _ApplyRules(beam.DoFn):
+  def __init__(self, rules, entity_of, path_of):
+    self.rules = rules
+    self.entity_of = entity_of
+    self.path_of = path_of
+    self.flagged = Metrics.counter("phi", "flagged")
+
+  def process(self, element) -> Iterable:
+    for rule in self.rules:
+      reason = rule.check(element)
+      if reason:
+        self.flagged.inc()
+        yield beam.pvalue.TaggedOutput(EXCLUDED_TAG, Excluded(
+            self.path_of(element), self.entity_of(element), FLAGGED,
+            f"PHI rule '{rule.name}': {reason}"))
+        return
+    yield element
+
+
+def _source_path(s: SourceFile) -> str:
+  return s.path
+
+
+def _source_entity(s: SourceFile) -> str:
+  return s.entity_id
+
+
+def _image_path(i: ImageRecord) -> str:
+  return i.source.path
+
+
+def _image_entity(i: ImageRecord) -> str:
+  return i.source.entity_id
+
+
+class FlagPhiByPath(beam.PTransform):
+  """SourceFile -> kept SourceFile (main) and flagged Excluded ('excluded')."""
+
+  def __init__(self, rule_names: Sequence[str] = DEFAULT_RULES):
+    super().__init__()
+    self.rules = [PATH_RULES[n]() for n in rule_names if n in PATH_RULES]
+
+  def expand(self, files):
+    return files | "ApplyPathRules" >> beam.ParDo(
+        _ApplyRules(self.rules, _source_entity, _source_path)).with_outputs(
+            EXCLUDED_TAG, main="kept")
+
+
+class FlagPhiByHeader(beam.PTransform):
+  """ImageRecord -> kept ImageRecord (main) and flagged Excluded ('excluded')."""
+
+  def __init__(self, rule_names: Sequence[str] = DEFAULT_RULES):
+    super().__init__()
+    self.rules = [HEADER_RULES[n]() for n in rule_names if n in HEADER_RULES]
+
+  def expand(self, images):
+    return images | "ApplyHeaderRules" >> beam.ParDo(
+        _ApplyRules(self.rules, _image_entity, _image_path)).with_outputs(
+            EXCLUDED_TAG, main="kept")

@@ -1,0 +1,101 @@
+"""The small typed values that flow between transforms.
+
+Nothing here carries pixel data: only paths, identifiers and header metadata
+go through a GroupByKey. The archive writer reads image bytes itself.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional, Tuple
+
+# Outcome of one input file in the run report.
+FLAGGED = "flagged"    # PHI rule matched: never written anywhere
+REJECTED = "rejected"  # bad input: not DICOM, missing UIDs, unsafe names ...
+FAILED = "failed"      # good input that could not be stored (I/O error ...)
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceFile:
+  """One file found under an entity folder."""
+  path: str          # as FileSystems names it (local path or gs:// URI)
+  entity_id: str     # name of the entity folder directly under the input root
+  relpath: str       # posix path below the entity folder
+  size_bytes: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Excluded:
+  """An input file that was not stored, and why."""
+  path: str
+  entity_id: str
+  status: str        # FLAGGED, REJECTED or FAILED
+  reason: str
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageRecord:
+  """A readable DICOM image and its header (DICOM JSON model, no bulk data)."""
+  source: SourceFile
+  study_instance_uid: str
+  series_instance_uid: str
+  sop_instance_uid: str
+  header: dict       # Dataset.to_json_dict() shape, keyed by tag "GGGGEEEE"
+  transfer_syntax_uid: Optional[str] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Study:
+  """The kept images of one study, with the object they go to."""
+  entity_id: str
+  study_instance_uid: str
+  study_date: str            # YYYYMMDD, or the placeholder
+  item_id: str
+  object_key: str            # Collection/<c>/Entity/<e>/<e>_<date>_<item>.tar.gz
+  images: Tuple[ImageRecord, ...]   # sorted by member name, unique SOPs
+
+  @property
+  def archive_root(self) -> str:
+    """Top folder inside the tar: the object's base name."""
+    return self.object_key.rsplit("/", 1)[-1][:-len(".tar.gz")]
+
+  def member_name(self, image: ImageRecord) -> str:
+    return f"{self.archive_root}/{image.source.relpath}"
+
+
+@dataclasses.dataclass(frozen=True)
+class ObjectLocation:
+  """Where a study object lives, as the storage system reports it."""
+  uri: str
+  bucket: str
+  object_name: str
+  size_bytes: int
+  md5_hash: str              # base64, as Cloud Storage reports md5Hash
+  crc32c: str                # base64 of the big-endian CRC32C
+  written_at: str            # RFC 3339 UTC
+  generation: Optional[int] = None
+  download_link: Optional[str] = None   # Cloud Storage mediaLink
+  metadata_link: Optional[str] = None   # Cloud Storage selfLink
+
+
+@dataclasses.dataclass(frozen=True)
+class MemberLocation:
+  """One image inside a study object: its own gzip member."""
+  sop_instance_uid: str
+  member: str                # path inside the tar
+  size_bytes: int            # of the original DICOM file
+  sha256: str                # hex, of the original DICOM file
+  member_offset: int         # byte offset of its gzip member in the object
+  member_length: int         # byte length of that gzip member
+
+
+@dataclasses.dataclass(frozen=True)
+class StoredStudy:
+  """A study whose object was written: the input to row building."""
+  study: Study
+  location: ObjectLocation
+  members: Tuple[MemberLocation, ...]   # same order as study.images
+
+
+def as_plain(value: Any) -> Any:
+  """A dataclass as nested dicts/lists, for JSON reports."""
+  return dataclasses.asdict(value)

@@ -1,0 +1,137 @@
+"""Build one metadata row per stored image: its header merged with where its
+study object lives. Rows satisfy transforms.schema.TABLE_SCHEMA; a header
+value that does not fit its typed column leaves the column NULL and stays,
+as written, in `metadata`.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import math
+from typing import Any, Dict, Iterable, List, Optional
+
+import apache_beam as beam
+from apache_beam.metrics import Metrics
+from pydicom.datadict import tag_for_keyword
+
+from transforms.records import ImageRecord, MemberLocation, StoredStudy
+from transforms.schema import DICOM_COLUMNS
+
+_INT64_MAX = (1 << 63) - 1
+
+
+def _values(header: Dict[str, Any], keyword: str) -> List[Any]:
+  elem = header.get(f"{tag_for_keyword(keyword):08X}")
+  if not elem or elem.get("InvalidValue"):
+    return []
+  return [v for v in elem.get("Value", []) if v is not None]
+
+
+def _string(v: Any) -> Optional[str]:
+  if isinstance(v, dict):
+    v = v.get("Alphabetic")
+  return None if v is None else str(v).strip()
+
+
+def _integer(v: Any) -> Optional[int]:
+  try:
+    f = float(v)
+  except (TypeError, ValueError):
+    return None
+  if not math.isfinite(f) or f != int(f) or abs(f) > _INT64_MAX:
+    return None
+  return int(f)
+
+
+def _float(v: Any) -> Optional[float]:
+  try:
+    f = float(v)
+  except (TypeError, ValueError):
+    return None
+  return f if math.isfinite(f) else None
+
+
+def _date(v: Any) -> Optional[str]:
+  try:
+    return datetime.datetime.strptime(str(v).strip(), "%Y%m%d").date().isoformat()
+  except ValueError:
+    return None
+
+
+_CONVERT = {"STRING": _string, "INTEGER": _integer, "FLOAT": _float,
+            "DATE": _date}
+
+
+def dicom_columns(header: Dict[str, Any]) -> Dict[str, Any]:
+  """The typed columns of one header; NULL (None) where a value does not fit."""
+  row = {}
+  for keyword, type_, mode in DICOM_COLUMNS:
+    convert = _CONVERT[type_]
+    values = _values(header, keyword)
+    if mode == "REPEATED":
+      converted = [convert(v) for v in values]
+      row[keyword] = [c for c in converted if c is not None]
+    else:
+      row[keyword] = convert(values[0]) if values else None
+  return row
+
+
+def build_row(collection: str, stored: StoredStudy, image: ImageRecord,
+              member: MemberLocation, run_id: str, version: str
+              ) -> Dict[str, Any]:
+  loc = stored.location
+  row = {
+      "collection": collection,
+      "entity_id": stored.study.entity_id,
+      "item_id": stored.study.item_id,
+      "study_instance_uid": image.study_instance_uid,
+      "series_instance_uid": image.series_instance_uid or None,
+      "sop_instance_uid": image.sop_instance_uid,
+      "source_path": image.source.relpath,
+      "TransferSyntaxUID": image.transfer_syntax_uid,
+  }
+  row.update(dicom_columns(image.header))
+  row["metadata"] = json.dumps(image.header, sort_keys=True,
+                               ensure_ascii=False, allow_nan=False)
+  row["storage"] = {
+      "uri": loc.uri, "bucket": loc.bucket, "object": loc.object_name,
+      "member": member.member, "member_offset": member.member_offset,
+      "member_length": member.member_length,
+      "member_sha256": member.sha256,
+      "member_size_bytes": member.size_bytes,
+      "size_bytes": loc.size_bytes, "md5_hash": loc.md5_hash,
+      "crc32c": loc.crc32c, "generation": loc.generation,
+      "download_link": loc.download_link, "metadata_link": loc.metadata_link,
+      "written_at": loc.written_at,
+  }
+  row["run_id"] = run_id
+  row["pipeline_version"] = version
+  return row
+
+
+class _BuildRows(beam.DoFn):
+  def __init__(self, collection: str, run_id: str, version: str):
+    self.collection = collection
+    self.run_id = run_id
+    self.version = version
+    self.rows = Metrics.counter("rows", "rows_built")
+
+  def process(self, stored: StoredStudy) -> Iterable[Dict[str, Any]]:
+    for image, member in zip(stored.study.images, stored.members):
+      self.rows.inc()
+      yield build_row(self.collection, stored, image, member, self.run_id,
+                      self.version)
+
+
+class BuildRows(beam.PTransform):
+  """StoredStudy -> one row dict per image."""
+
+  def __init__(self, collection: str, run_id: str, version: str):
+    super().__init__()
+    self.collection = collection
+    self.run_id = run_id
+    self.version = version
+
+  def expand(self, stored):
+    return stored | "BuildRows" >> beam.ParDo(
+        _BuildRows(self.collection, self.run_id, self.version))

@@ -1,0 +1,161 @@
+"""The one row schema, in BigQuery's JSON schema form, and a row checker.
+
+Typed DICOM columns are named by their DICOM keyword, as the Cloud Healthcare
+API's BigQuery export names them; the whole header is kept in `metadata`.
+Columns may be added later, never renamed.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import re
+from typing import Any, Dict, List, Tuple
+
+# (DICOM keyword, BigQuery type, mode) of the typed, searchable columns.
+DICOM_COLUMNS: Tuple[Tuple[str, str, str], ...] = (
+    ("Modality", "STRING", "NULLABLE"),
+    ("SOPClassUID", "STRING", "NULLABLE"),
+    ("StudyDate", "DATE", "NULLABLE"),
+    ("StudyTime", "STRING", "NULLABLE"),
+    ("SeriesDate", "DATE", "NULLABLE"),
+    ("ContentDate", "DATE", "NULLABLE"),
+    ("AccessionNumber", "STRING", "NULLABLE"),
+    ("StudyID", "STRING", "NULLABLE"),
+    ("StudyDescription", "STRING", "NULLABLE"),
+    ("SeriesDescription", "STRING", "NULLABLE"),
+    ("SeriesNumber", "INTEGER", "NULLABLE"),
+    ("InstanceNumber", "INTEGER", "NULLABLE"),
+    ("BodyPartExamined", "STRING", "NULLABLE"),
+    ("PatientID", "STRING", "NULLABLE"),
+    ("PatientSex", "STRING", "NULLABLE"),
+    ("PatientAge", "STRING", "NULLABLE"),
+    ("Manufacturer", "STRING", "NULLABLE"),
+    ("ManufacturerModelName", "STRING", "NULLABLE"),
+    ("ImageType", "STRING", "REPEATED"),
+    ("PhotometricInterpretation", "STRING", "NULLABLE"),
+    ("Rows", "INTEGER", "NULLABLE"),
+    ("Columns", "INTEGER", "NULLABLE"),
+    ("NumberOfFrames", "INTEGER", "NULLABLE"),
+    ("BitsAllocated", "INTEGER", "NULLABLE"),
+    ("SliceThickness", "FLOAT", "NULLABLE"),
+    ("PixelSpacing", "FLOAT", "REPEATED"),
+    ("BurnedInAnnotation", "STRING", "NULLABLE"),
+)
+
+
+def _field(name, type_, mode="NULLABLE", description=None, fields=None):
+  f = {"name": name, "type": type_, "mode": mode}
+  if description:
+    f["description"] = description
+  if fields:
+    f["fields"] = fields
+  return f
+
+
+STORAGE_FIELDS = [
+    _field("uri", "STRING", "REQUIRED", "gs:// URI (or path) of the study object"),
+    _field("bucket", "STRING", "REQUIRED"),
+    _field("object", "STRING", "REQUIRED", "object key in the bucket"),
+    _field("member", "STRING", "REQUIRED", "path of this image inside the tar"),
+    _field("member_offset", "INTEGER", "REQUIRED",
+           "byte offset of this image's gzip member in the object"),
+    _field("member_length", "INTEGER", "REQUIRED",
+           "byte length of this image's gzip member"),
+    _field("member_sha256", "STRING", "REQUIRED",
+           "hex SHA-256 of the original DICOM file"),
+    _field("member_size_bytes", "INTEGER", "REQUIRED",
+           "size of the original DICOM file"),
+    _field("size_bytes", "INTEGER", "REQUIRED", "size of the study object"),
+    _field("md5_hash", "STRING", "REQUIRED", "base64 MD5 of the study object"),
+    _field("crc32c", "STRING", "REQUIRED", "base64 CRC32C of the study object"),
+    _field("generation", "INTEGER", "NULLABLE", "Cloud Storage generation"),
+    _field("download_link", "STRING", "NULLABLE", "Cloud Storage mediaLink"),
+    _field("metadata_link", "STRING", "NULLABLE", "Cloud Storage selfLink"),
+    _field("written_at", "TIMESTAMP", "REQUIRED"),
+]
+
+TABLE_SCHEMA: Dict[str, List[Dict[str, Any]]] = {"fields": [
+    _field("collection", "STRING", "REQUIRED"),
+    _field("entity_id", "STRING", "REQUIRED"),
+    _field("item_id", "STRING", "REQUIRED"),
+    _field("study_instance_uid", "STRING", "REQUIRED"),
+    _field("series_instance_uid", "STRING", "NULLABLE"),
+    _field("sop_instance_uid", "STRING", "REQUIRED"),
+    _field("source_path", "STRING", "REQUIRED",
+           "path of the input file below its entity folder"),
+    _field("TransferSyntaxUID", "STRING", "NULLABLE"),
+    *[_field(k, t, m) for k, t, m in DICOM_COLUMNS],
+    _field("metadata", "STRING", "REQUIRED",
+           "full header, DICOM JSON model, nested sequences included"),
+    _field("storage", "RECORD", "REQUIRED", fields=STORAGE_FIELDS),
+    _field("run_id", "STRING", "REQUIRED"),
+    _field("pipeline_version", "STRING", "REQUIRED"),
+]}
+
+
+def schema_json() -> str:
+  """schema.json as `bq load --schema` takes it: the list of fields."""
+  return json.dumps(TABLE_SCHEMA["fields"], indent=2)
+
+
+_INT64 = (-(1 << 63), (1 << 63) - 1)
+_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+
+
+def _scalar_error(type_: str, value: Any) -> str:
+  if type_ == "STRING":
+    return "" if isinstance(value, str) else "is not a string"
+  if type_ == "INTEGER":
+    ok = (isinstance(value, int) and not isinstance(value, bool)
+          and _INT64[0] <= value <= _INT64[1])
+    return "" if ok else "is not a 64-bit integer"
+  if type_ == "FLOAT":
+    ok = (isinstance(value, (int, float)) and not isinstance(value, bool)
+          and math.isfinite(value))
+    return "" if ok else "is not a finite number"
+  if type_ == "DATE":
+    if isinstance(value, str) and _DATE.match(value):
+      try:
+        datetime.date.fromisoformat(value)
+        return ""
+      except ValueError:
+        pass
+    return "is not a DATE (YYYY-MM-DD)"
+  if type_ == "TIMESTAMP":
+    try:
+      datetime.datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+      return ""
+    except ValueError:
+      return "is not a TIMESTAMP"
+  return f"has unknown type {type_}"
+
+
+def row_errors(row: Dict[str, Any], fields=None, prefix: str = "") -> List[str]:
+  """Every way the row does not fit the schema; empty when it fits."""
+  fields = TABLE_SCHEMA["fields"] if fields is None else fields
+  errors = []
+  known = {f["name"] for f in fields}
+  errors += [f"{prefix}{k}: not in the schema" for k in row if k not in known]
+  for f in fields:
+    name, mode = prefix + f["name"], f.get("mode", "NULLABLE")
+    value = row.get(f["name"])
+    if value is None:
+      if mode == "REQUIRED":
+        errors.append(f"{name}: required but missing")
+      continue
+    values = value if mode == "REPEATED" else [value]
+    if mode == "REPEATED" and not isinstance(value, list):
+      errors.append(f"{name}: repeated field is not a list")
+      continue
+    for v in values:
+      if f["type"] == "RECORD":
+        if not isinstance(v, dict):
+          errors.append(f"{name}: is not a record")
+        else:
+          errors += row_errors(v, f["fields"], name + ".")
+      else:
+        problem = _scalar_error(f["type"], v)
+        if problem:
+          errors.append(f"{name}: {v!r:.80} {problem}")
+  return errors

@@ -1,0 +1,88 @@
+"""Where rows go: checked against the schema first, then to local files
+(newline-delimited JSON that `bq load` accepts with schema.json); rows that
+do not fit go to the dead-letter output with their errors, never dropped.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any, Dict, Iterable
+
+import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.metrics import Metrics
+
+from transforms.keys import join_uri
+from transforms.schema import row_errors, schema_json
+
+DEAD_LETTER_TAG = "dead_letter"
+ROWS_FILE = "rows"
+SCHEMA_FILE = "schema.json"
+
+
+def dead_letter_record(row: Dict[str, Any], error: str, stage: str) -> Dict[str, Any]:
+  return {"stage": stage, "error": error,
+          "sop_instance_uid": row.get("sop_instance_uid"),
+          "row": row}
+
+
+class _CheckRow(beam.DoFn):
+  def __init__(self):
+    self.invalid = Metrics.counter("rows", "rows_invalid")
+
+  def process(self, row: Dict[str, Any]) -> Iterable:
+    errors = row_errors(row)
+    if errors:
+      self.invalid.inc()
+      yield beam.pvalue.TaggedOutput(DEAD_LETTER_TAG, dead_letter_record(
+          row, "; ".join(errors), "schema check"))
+    else:
+      yield row
+
+
+class CheckRows(beam.PTransform):
+  """Rows -> rows that fit the schema (main), the rest ('dead_letter')."""
+
+  def expand(self, rows):
+    return rows | "CheckRow" >> beam.ParDo(_CheckRow()).with_outputs(
+        DEAD_LETTER_TAG, main="valid")
+
+
+def _to_json_line(record: Dict[str, Any]) -> str:
+  return json.dumps(record, sort_keys=True, ensure_ascii=False)
+
+
+def write_text_file(path: str, text: str) -> str:
+  with FileSystems.create(path) as f:
+    f.write(text.encode("utf-8"))
+  return path
+
+
+class WriteJsonLines(beam.PTransform):
+  """Dicts -> one newline-delimited JSON file, DIR/<name>.json."""
+
+  def __init__(self, directory: str, name: str):
+    super().__init__()
+    self.directory = directory
+    self.name = name
+
+  def expand(self, records):
+    return (records
+            | "ToJson" >> beam.Map(_to_json_line)
+            | "Write" >> beam.io.WriteToText(
+                join_uri(self.directory, self.name), file_name_suffix=".json",
+                num_shards=1, shard_name_template=""))
+
+
+class WriteRowsLocal(beam.PTransform):
+  """Rows -> DIR/rows.json and DIR/schema.json, for `bq load` later."""
+
+  def __init__(self, directory: str):
+    super().__init__()
+    self.directory = directory
+
+  def expand(self, rows):
+    schema_path = join_uri(self.directory, SCHEMA_FILE)
+    _ = (rows.pipeline
+         | "SchemaOnce" >> beam.Create([schema_path])
+         | "WriteSchema" >> beam.Map(write_text_file, schema_json()))
+    return rows | "WriteRows" >> WriteJsonLines(self.directory, ROWS_FILE)

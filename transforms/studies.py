@@ -1,0 +1,160 @@
+"""Group kept images into studies and give each study its object key.
+
+Two groupings, both over small records only:
+1. by (entity, StudyInstanceUID): one Study per study, duplicate SOP instances
+   resolved, study date and item id chosen;
+2. by (entity, object name): two different studies that would get the same
+   object name are told apart by a suffix derived from their UIDs, so neither
+   overwrites the other and the outcome does not depend on processing order.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterable, List, Tuple
+
+import apache_beam as beam
+from apache_beam.metrics import Metrics
+from pydicom.datadict import tag_for_keyword
+
+from transforms.dicom import first_value
+from transforms.keys import (UnsafeKeyComponent, check_key_component,
+                             study_date_component, study_object_key,
+                             study_object_name, uid_short_id)
+from transforms.records import REJECTED, Excluded, ImageRecord, Study
+
+EXCLUDED_TAG = "excluded"
+DEFAULT_ITEM_KEYWORD = "AccessionNumber"
+_STUDY_DATE = "00080020"
+
+
+def keyword_tag(keyword: str) -> str:
+  tag = tag_for_keyword(keyword)
+  if tag is None:
+    raise ValueError(f"--item_id {keyword!r} is not a DICOM keyword")
+  return f"{tag:08X}"
+
+
+def _text(value) -> str:
+  if isinstance(value, dict):  # person names are {"Alphabetic": ...}
+    value = value.get("Alphabetic", "")
+  return "" if value is None else str(value).strip()
+
+
+def item_id_for(images: List[ImageRecord], item_tag: str, study_uid: str) -> str:
+  """The study's item id: the item keyword's value, else a UID-derived id."""
+  for image in images:
+    value = _text(first_value(image.header, item_tag))
+    if value:
+      return value
+  return "uid" + uid_short_id(study_uid)
+
+
+def build_study(collection: str, entity_id: str, study_uid: str,
+                images: Iterable[ImageRecord], item_tag: str,
+                ) -> Tuple[Study, List[Excluded]]:
+  """One study from its images; duplicates of a SOP instance are reported.
+
+  Of several files with the same SOPInstanceUID, the one with the smallest
+  path below the entity folder is kept, the others are rejected: a stored
+  study never holds two copies of one instance.
+  """
+  ordered = sorted(images, key=lambda i: i.source.relpath)
+  kept, duplicates, seen = [], [], {}
+  for image in ordered:
+    first = seen.get(image.sop_instance_uid)
+    if first is not None:
+      duplicates.append(Excluded(
+          image.source.path, entity_id, REJECTED,
+          f"duplicate SOPInstanceUID {image.sop_instance_uid}: "
+          f"{first.source.relpath} is stored instead"))
+      continue
+    seen[image.sop_instance_uid] = image
+    kept.append(image)
+  study_date = study_date_component(_text(first_value(kept[0].header,
+                                                      _STUDY_DATE)))
+  item_id = item_id_for(kept, item_tag, study_uid)
+  study = Study(entity_id=entity_id, study_instance_uid=study_uid,
+                study_date=study_date, item_id=item_id,
+                object_key=study_object_key(collection, entity_id, study_date,
+                                            item_id),
+                images=tuple(kept))
+  return study, duplicates
+
+
+def disambiguate(collection: str, studies: List[Study]) -> List[Study]:
+  """Studies sharing one object name each get '-<uid hash>' on the item id."""
+  if len({s.study_instance_uid for s in studies}) <= 1:
+    return studies
+  renamed = []
+  for s in sorted(studies, key=lambda s: s.study_instance_uid):
+    item_id = f"{s.item_id}-{uid_short_id(s.study_instance_uid, 8)}"
+    renamed.append(dataclasses.replace(
+        s, item_id=item_id, object_key=study_object_key(
+            collection, s.entity_id, s.study_date, item_id)))
+  return renamed
+
+
+class _BuildStudy(beam.DoFn):
+  def __init__(self, collection: str, item_tag: str):
+    self.collection = collection
+    self.item_tag = item_tag
+    self.duplicates = Metrics.counter("studies", "duplicate_instances")
+
+  def process(self, keyed) -> Iterable:
+    (entity_id, study_uid), images = keyed
+    images = list(images)
+    try:
+      study, duplicates = build_study(self.collection, entity_id, study_uid,
+                                      images, self.item_tag)
+    except UnsafeKeyComponent as e:
+      for image in images:
+        yield beam.pvalue.TaggedOutput(EXCLUDED_TAG, Excluded(
+            image.source.path, entity_id, REJECTED,
+            f"study {study_uid} cannot be named: {e}"))
+      return
+    for excluded in duplicates:
+      self.duplicates.inc()
+      yield beam.pvalue.TaggedOutput(EXCLUDED_TAG, excluded)
+    yield study
+
+
+class _Disambiguate(beam.DoFn):
+  def __init__(self, collection: str):
+    self.collection = collection
+
+  def process(self, keyed) -> Iterable[Study]:
+    _, studies = keyed
+    yield from disambiguate(self.collection, list(studies))
+
+
+def _by_study(image: ImageRecord):
+  return (image.source.entity_id, image.study_instance_uid), image
+
+
+def _by_object_name(study: Study):
+  return (study.entity_id, study_object_name(
+      study.entity_id, study.study_date, study.item_id)), study
+
+
+class GroupStudies(beam.PTransform):
+  """ImageRecord -> Study (main) and Excluded ('excluded')."""
+
+  def __init__(self, collection: str, item_keyword: str = DEFAULT_ITEM_KEYWORD):
+    super().__init__()
+    self.collection = collection
+    self.item_tag = keyword_tag(item_keyword)
+
+  def expand(self, images):
+    built = (
+        images
+        | "KeyByStudy" >> beam.Map(_by_study)
+        | "GroupByStudy" >> beam.GroupByKey()
+        | "BuildStudy" >> beam.ParDo(
+            _BuildStudy(self.collection, self.item_tag)).with_outputs(
+                EXCLUDED_TAG, main="studies"))
+    studies = (
+        built.studies
+        | "KeyByObjectName" >> beam.Map(_by_object_name)
+        | "GroupByObjectName" >> beam.GroupByKey()
+        | "Disambiguate" >> beam.ParDo(_Disambiguate(self.collection)))
+    return {"studies": studies, EXCLUDED_TAG: built[EXCLUDED_TAG]}
