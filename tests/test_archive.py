@@ -1,0 +1,113 @@
+"""The study archive writer, on in-memory streams and temporary folders."""
+import gzip
+import io
+import json
+import shutil
+import subprocess
+import tarfile
+
+import pytest
+
+from invariants import read_member_at
+from transforms.archive import (MANIFEST_NAME, StudyArchiveWriter,
+                                write_study_archive)
+from transforms.records import ImageRecord, SourceFile, Study
+
+
+def _study(tmp_path, contents):
+  images = []
+  for i, data in enumerate(contents):
+    path = tmp_path / f"f{i}.dcm"
+    path.write_bytes(data)
+    images.append(ImageRecord(
+        source=SourceFile(str(path), "E1", f"s/f{i}.dcm", len(data)),
+        study_instance_uid="1.2", series_instance_uid="1.2.3",
+        sop_instance_uid=f"1.2.3.{i}", header={}))
+  return Study("E1", "1.2", "20200101", "A1",
+               "Collection/C/Entity/E1/E1_20200101_A1.tar.gz", tuple(images))
+
+
+def _write(study, level=2):
+  out = io.BytesIO()
+  members, sink = write_study_archive(study, out, level, opener=open_binary)
+  return out.getvalue(), members, sink
+
+
+def open_binary(path):
+  return open(path, "rb")
+
+
+CONTENTS = [b"DICM" * 1000, bytes(range(256)) * 3000, b"", b"x" * 511]
+
+
+def test_archive_is_a_standard_tar_gz(tmp_path):
+  data, members, _ = _write(_study(tmp_path, CONTENTS))
+  with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as t:
+    names = t.getnames()
+    got = [t.extractfile(n).read() for n in names[:-1]]
+  assert names[-1] == f"E1_20200101_A1/{MANIFEST_NAME}"
+  assert names[:-1] == [m.member for m in members]
+  assert got == CONTENTS
+  path = tmp_path / "a.tar.gz"
+  path.write_bytes(data)
+  if shutil.which("gzip"):
+    subprocess.run(["gzip", "-t", str(path)], check=True)
+  if shutil.which("tar"):
+    listed = subprocess.run(["tar", "tzf", str(path)], check=True,
+                            capture_output=True, text=True).stdout.split()
+    assert listed == names
+
+
+def test_each_image_is_one_gzip_member_at_its_recorded_offset(tmp_path):
+  data, members, _ = _write(_study(tmp_path, CONTENTS))
+  for member, content in zip(members, CONTENTS):
+    info, got = read_member_at(data, member.member_offset, member.member_length)
+    assert info.name == member.member and got == content
+  # The members tile the object: each starts where the previous ended.
+  for a, b in zip(members, members[1:]):
+    assert a.member_offset + a.member_length == b.member_offset
+
+
+def test_manifest_lists_every_image(tmp_path):
+  study = _study(tmp_path, CONTENTS)
+  data, members, _ = _write(study)
+  with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as t:
+    manifest = json.load(t.extractfile(f"E1_20200101_A1/{MANIFEST_NAME}"))
+  assert [m["sop_instance_uid"] for m in manifest["members"]] == [
+      i.sop_instance_uid for i in study.images]
+  assert [(m["member_offset"], m["member_length"], m["sha256"])
+          for m in manifest["members"]] == [
+              (m.member_offset, m.member_length, m.sha256) for m in members]
+
+
+def test_archive_bytes_are_reproducible(tmp_path):
+  a, _, sink_a = _write(_study(tmp_path, CONTENTS))
+  b, _, sink_b = _write(_study(tmp_path, CONTENTS))
+  assert a == b and sink_a.md5_base64() == sink_b.md5_base64()
+  with tarfile.open(fileobj=io.BytesIO(a), mode="r:gz") as t:
+    assert {(m.mtime, m.uid, m.gid, m.mode, m.uname) for m in t} == {
+        (0, 0, 0, 0o644, "")}
+  assert gzip.decompress(a)  # gzip header mtime 0 is checked by equality
+
+
+def test_a_file_that_changed_size_fails_the_study(tmp_path):
+  study = _study(tmp_path, [b"abc"])
+  (tmp_path / "f0.dcm").write_bytes(b"ab")
+  with pytest.raises(IOError, match="shrank"):
+    _write(study)
+  (tmp_path / "f0.dcm").write_bytes(b"abcd")
+  with pytest.raises(IOError, match="grew"):
+    _write(study)
+
+
+def test_sink_reports_md5_and_crc32c_like_cloud_storage(tmp_path):
+  out = io.BytesIO()
+  writer = StudyArchiveWriter(out)
+  writer.add_bytes("x", b"hello")
+  writer.close()
+  import base64, hashlib, google_crc32c
+  data = out.getvalue()
+  assert writer.sink.md5_base64() == base64.b64encode(
+      hashlib.md5(data).digest()).decode()
+  assert writer.sink.crc32c_base64() == base64.b64encode(
+      google_crc32c.value(data).to_bytes(4, "big")).decode()

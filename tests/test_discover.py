@@ -1,0 +1,59 @@
+import apache_beam as beam
+import pytest
+from apache_beam.testing.test_pipeline import TestPipeline
+from apache_beam.testing.util import assert_that, equal_to
+
+from transforms.discover import (DiscoverEntityFiles, InputError,
+                                 check_input_roots, split_input_roots)
+from transforms.records import REJECTED, Excluded, SourceFile
+
+
+def _tree(root):
+  for rel in ["E1/a/b/x.dcm", "E1/y.dcm", "E2/z.dcm", "top.dcm", "E 3/w.dcm"]:
+    path = root / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"12345")
+
+
+def test_files_are_split_into_entity_and_path(tmp_path):
+  _tree(tmp_path / "r")
+  root = str(tmp_path / "r")
+  with TestPipeline() as p:
+    found = p | DiscoverEntityFiles([root])
+    assert_that(found.files, equal_to([
+        SourceFile(f"{root}/E1/a/b/x.dcm", "E1", "a/b/x.dcm", 5),
+        SourceFile(f"{root}/E1/y.dcm", "E1", "y.dcm", 5),
+        SourceFile(f"{root}/E2/z.dcm", "E2", "z.dcm", 5),
+        SourceFile(f"{root}/E 3/w.dcm", "E 3", "w.dcm", 5)]), label="files")
+    assert_that(found.excluded, equal_to([Excluded(
+        f"{root}/top.dcm", "", REJECTED,
+        "file lies directly in the input root, not inside an entity folder")]),
+        label="excluded")
+
+
+def test_globbed_roots_keep_their_depth(tmp_path):
+  for day in ("2024-01-01", "2024-01-02"):
+    _tree(tmp_path / day)
+  with TestPipeline() as p:
+    found = p | DiscoverEntityFiles([str(tmp_path / "2024-*")])
+    entities = found.files | beam.Map(lambda f: (f.entity_id, f.relpath))
+    assert_that(entities, equal_to(
+        [("E1", "a/b/x.dcm"), ("E1", "y.dcm"), ("E2", "z.dcm"),
+         ("E 3", "w.dcm")] * 2))
+
+
+def test_split_input_roots():
+  assert split_input_roots("/a, gs://b/c/ ,/d*") == ["/a", "gs://b/c", "/d*"]
+  with pytest.raises(InputError):
+    split_input_roots(" , ")
+  with pytest.raises(InputError, match=r"\*\*"):
+    split_input_roots("/a/**")
+
+
+def test_check_input_roots(tmp_path):
+  _tree(tmp_path / "r")
+  check_input_roots([str(tmp_path / "r")])
+  (tmp_path / "empty").mkdir()
+  for bad in ("empty", "missing"):
+    with pytest.raises(InputError, match="holds no files"):
+      check_input_roots([str(tmp_path / bad)])

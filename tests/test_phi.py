@@ -1,0 +1,47 @@
+from apache_beam import Create, Map
+from apache_beam.testing.test_pipeline import TestPipeline
+from apache_beam.testing.util import assert_that, equal_to
+
+from transforms.phi import FlagPhiByHeader, FlagPhiByPath
+from transforms.records import FLAGGED, ImageRecord, SourceFile
+
+
+def _src(relpath):
+  return SourceFile(f"/in/E1/{relpath}", "E1", relpath, 10)
+
+
+def _img(relpath, burned):
+  header = {} if burned is None else {"00280301": {"vr": "CS", "Value": [burned]}}
+  return ImageRecord(_src(relpath), "1", "2", relpath, header)
+
+
+def test_phi_folder_at_any_depth_is_flagged():
+  files = [_src("a.dcm"), _src("PHI/a.dcm"), _src("x/y/PHI/z/a.dcm"),
+           _src("PHIX/a.dcm"), _src("phi/a.dcm"), _src("x/PHI.dcm")]
+  with TestPipeline() as p:
+    out = p | Create(files) | FlagPhiByPath()
+    assert_that(out.kept | Map(lambda s: s.relpath),
+                equal_to(["a.dcm", "PHIX/a.dcm", "phi/a.dcm", "x/PHI.dcm"]),
+                label="kept")
+    assert_that(out.excluded | Map(lambda e: (e.path, e.status)),
+                equal_to([("/in/E1/PHI/a.dcm", FLAGGED),
+                          ("/in/E1/x/y/PHI/z/a.dcm", FLAGGED)]),
+                label="flagged")
+
+
+def test_burned_in_annotation_yes_is_flagged_whatever_its_case():
+  images = [_img("1", "YES"), _img("2", " yes "), _img("3", "NO"),
+            _img("4", None), _img("5", "Yes")]
+  with TestPipeline() as p:
+    out = p | Create(images) | FlagPhiByHeader()
+    assert_that(out.kept | Map(lambda i: i.sop_instance_uid),
+                equal_to(["3", "4"]), label="kept")
+    assert_that(out.excluded | Map(lambda e: e.reason),
+                equal_to(["PHI rule 'header': header BurnedInAnnotation is YES"] * 3),
+                label="flagged")
+
+
+def test_rules_can_be_switched_off():
+  with TestPipeline() as p:
+    out = p | Create([_img("1", "YES")]) | FlagPhiByHeader(["folder"])
+    assert_that(out.kept | Map(lambda i: i.sop_instance_uid), equal_to(["1"]))

@@ -1,0 +1,70 @@
+import json
+
+from apache_beam import Create
+from apache_beam.testing.test_pipeline import TestPipeline
+from apache_beam.testing.util import assert_that, equal_to
+
+from transforms.records import (ImageRecord, MemberLocation, ObjectLocation,
+                                SourceFile, StoredStudy, Study)
+from transforms.rows import BuildRows, dicom_columns
+from transforms.schema import TABLE_SCHEMA, row_errors, schema_json
+from transforms.sinks import CheckRows
+
+
+def _stored():
+  header = {
+      "00080020": {"vr": "DA", "Value": ["20070931"]},        # not a date
+      "00080060": {"vr": "CS", "Value": ["CT"]},
+      "00080008": {"vr": "CS", "Value": ["ORIGINAL", "PRIMARY"]},
+      "00280010": {"vr": "US", "Value": [512]},
+      "00180050": {"vr": "DS", "Value": ["NaN"], "InvalidValue": True},
+      "00280030": {"vr": "DS", "Value": [0.5, 0.5]},
+      "00100010": {"vr": "PN", "Value": [{"Alphabetic": "SUBJ^ONE"}]},
+  }
+  image = ImageRecord(SourceFile("/in/E1/a.dcm", "E1", "a.dcm", 10), "1.1",
+                      "1.1.1", "1.1.1.1", header, "1.2.840.10008.1.2.1")
+  study = Study("E1", "1.1", "00000000", "A1",
+                "Collection/C/Entity/E1/E1_00000000_A1.tar.gz", (image,))
+  loc = ObjectLocation("/b/" + study.object_key, "/b", study.object_key, 99,
+                       "md5==", "crc==", "2026-01-01T00:00:00.000000Z")
+  return StoredStudy(study, loc, (MemberLocation(
+      "1.1.1.1", "E1_00000000_A1/a.dcm", 10, "ab" * 32, 0, 50),))
+
+
+def test_typed_columns_are_null_where_values_do_not_fit():
+  cols = dicom_columns(_stored().study.images[0].header)
+  assert cols["StudyDate"] is None and cols["SliceThickness"] is None
+  assert cols["Modality"] == "CT" and cols["Rows"] == 512
+  assert cols["ImageType"] == ["ORIGINAL", "PRIMARY"]
+  assert cols["PixelSpacing"] == [0.5, 0.5]
+
+
+def test_built_rows_fit_the_schema():
+  with TestPipeline() as p:
+    rows = p | Create([_stored()]) | BuildRows("C", "run1", "0.1.0")
+    checked = rows | CheckRows()
+    assert_that(checked.dead_letter, equal_to([]), label="no dead letters")
+    assert_that(checked.valid | __import__("apache_beam").Map(
+        lambda r: (r["sop_instance_uid"], r["storage"]["member_length"],
+                   json.loads(r["metadata"])["00080060"]["Value"])),
+        equal_to([("1.1.1.1", 50, ["CT"])]), label="rows")
+
+
+def test_rows_that_do_not_fit_go_to_the_dead_letter_output():
+  bad = {"collection": "C", "Rows": "many", "extra": 1}
+  errors = row_errors(bad)
+  assert "extra: not in the schema" in errors
+  assert any(e.startswith("Rows:") for e in errors)
+  assert any(e == "storage: required but missing" for e in errors)
+  with TestPipeline() as p:
+    checked = p | Create([bad]) | CheckRows()
+    assert_that(checked.valid, equal_to([]), label="valid")
+    assert_that(checked.dead_letter | __import__("apache_beam").Map(
+        lambda d: (d["stage"], "Rows:" in d["error"])),
+        equal_to([("schema check", True)]), label="dead")
+
+
+def test_schema_json_is_the_table_schema():
+  assert json.loads(schema_json()) == TABLE_SCHEMA["fields"]
+  names = [f["name"] for f in TABLE_SCHEMA["fields"]]
+  assert len(names) == len(set(names))

@@ -1,0 +1,65 @@
+from apache_beam import Create, Map
+from apache_beam.testing.test_pipeline import TestPipeline
+from apache_beam.testing.util import assert_that, equal_to
+
+from transforms.records import REJECTED, ImageRecord, SourceFile
+from transforms.studies import GroupStudies
+
+
+def _img(entity, relpath, study, sop, accession=None, date="20200102"):
+  header = {"00080020": {"vr": "DA", "Value": [date]}}
+  if accession is not None:
+    header["00080050"] = {"vr": "SH", "Value": [accession]}
+  return ImageRecord(SourceFile(f"/in/{entity}/{relpath}", entity, relpath, 1),
+                     study, study + ".9", sop, header)
+
+
+def test_images_group_into_studies_with_their_object_keys():
+  images = [_img("E1", "b.dcm", "1.1", "s2", "ACC1"),
+            _img("E1", "a.dcm", "1.1", "s1", "ACC1"),
+            _img("E2", "c.dcm", "2.1", "s3", None, date="bad")]
+  with TestPipeline() as p:
+    out = p | Create(images) | GroupStudies("C1")
+    assert_that(out["studies"] | Map(lambda s: (
+        s.object_key, [i.source.relpath for i in s.images])), equal_to([
+            ("Collection/C1/Entity/E1/E1_20200102_ACC1.tar.gz",
+             ["a.dcm", "b.dcm"]),
+            ("Collection/C1/Entity/E2/E2_00000000_uid"
+             "a5ad9d8f6cf1.tar.gz".replace("a5ad9d8f6cf1", _short("2.1")),
+             ["c.dcm"])]))
+
+
+def _short(uid):
+  from transforms.keys import uid_short_id
+  return uid_short_id(uid)
+
+
+def test_duplicate_sop_instances_keep_the_first_path():
+  images = [_img("E1", "z.dcm", "1.1", "s1", "A"),
+            _img("E1", "a.dcm", "1.1", "s1", "A")]
+  with TestPipeline() as p:
+    out = p | Create(images) | GroupStudies("C1")
+    assert_that(out["studies"] | Map(lambda s: [i.source.relpath
+                                                for i in s.images]),
+                equal_to([["a.dcm"]]), label="studies")
+    assert_that(out["excluded"] | Map(lambda e: (e.path, e.status)),
+                equal_to([("/in/E1/z.dcm", REJECTED)]), label="excluded")
+
+
+def test_studies_that_would_share_a_name_both_survive():
+  images = [_img("E1", "a.dcm", "1.1", "s1", "SAME"),
+            _img("E1", "b.dcm", "1.2", "s2", "SAME")]
+  with TestPipeline() as p:
+    out = p | Create(images) | GroupStudies("C1")
+    assert_that(out["studies"] | Map(lambda s: s.item_id), equal_to([
+        "SAME-" + _short("1.1")[:8], "SAME-" + _short("1.2")[:8]]))
+
+
+def test_an_unsafe_item_id_rejects_the_study():
+  images = [_img("E1", "a.dcm", "1.1", "s1", "../../etc")]
+  with TestPipeline() as p:
+    out = p | Create(images) | GroupStudies("C1")
+    assert_that(out["studies"], equal_to([]), label="studies")
+    assert_that(out["excluded"] | Map(lambda e: e.reason), equal_to([
+        "study 1.1 cannot be named: item id '../../etc' contains a path "
+        "separator"]), label="excluded")
