@@ -36,3 +36,12 @@ def run_pipeline(input_root: Path, out: Path, *extra: str,
 def read_rows(metadata_dir: Path) -> List[dict]:
   path = metadata_dir / "rows.json"
   return [json.loads(line) for line in path.read_text().splitlines() if line]
+
+
+@pytest.fixture(scope="session")
+def sample_run(sample, tmp_path_factory):
+  """One pipeline run over the sample, shared by tests that only read it."""
+  root, made = sample
+  out = tmp_path_factory.mktemp("sample_run")
+  report = run_pipeline(root, out)
+  return out, report, read_rows(out / "metadata")
