@@ -24,10 +24,12 @@ setuptools.setup(
         "isal==1.9.1",
         "google-cloud-storage>=2.18,<4",
         "google-crc32c>=1.5,<2",
+        "deid==0.4.13",
     ],
     extras_require={
         "dev": [
             "pytest>=8",
+            "hypothesis>=6.100",
         ],
     },
 )

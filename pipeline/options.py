@@ -66,7 +66,12 @@ class StorageOptions(PipelineOptions):
     parser.add_argument(
         "--phi_rules", default=",".join(phi.DEFAULT_RULES),
         help="Comma-separated PHI rules; a flagged image is never stored. "
-             "folder: under a PHI/ folder; header: BurnedInAnnotation=YES.")
+             "folder: under a PHI/ folder; header: BurnedInAnnotation=YES; "
+             "deid: the deid package's burned-in pixel detector.")
+    parser.add_argument(
+        "--deid_recipe",
+        help="deid recipe file for the 'deid' rule (its %%filter groups). "
+             "Default: deid's own 'dicom' recipe.")
     parser.add_argument(
         "--compression_level", type=int, default=DEFAULT_COMPRESSION_LEVEL,
         help="gzip (ISA-L) level 0-3 for study objects. Default: 2.")
@@ -83,6 +88,7 @@ class RunConfig:
   report: str
   item_id: str
   phi_rules: List[str]
+  deid_recipe_text: Optional[str]
   compression_level: int
 
 
@@ -116,6 +122,15 @@ def resolve(opts: StorageOptions, run_id: str) -> RunConfig:
     raise OptionsError(str(e)) from e
   if not 0 <= opts.compression_level <= 3:
     raise OptionsError("--compression_level must be 0, 1, 2 or 3")
+  recipe_text = None
+  if opts.deid_recipe:
+    if "deid" not in rules:
+      raise OptionsError("--deid_recipe needs 'deid' in --phi_rules")
+    try:
+      with open(opts.deid_recipe, encoding="utf-8") as f:
+        recipe_text = f.read()
+    except OSError as e:
+      raise OptionsError(f"--deid_recipe cannot be read: {e}") from e
   metadata_output = _absolute(opts.metadata_output)
   report = _absolute(opts.report) or (
       join_uri(metadata_output, "report.json") if metadata_output else
@@ -126,4 +141,5 @@ def resolve(opts: StorageOptions, run_id: str) -> RunConfig:
       dead_letter=_absolute(opts.dead_letter) or join_uri(
           metadata_output, "dead_letter"),
       report=report, item_id=opts.item_id, phi_rules=rules,
+      deid_recipe_text=recipe_text,
       compression_level=opts.compression_level)

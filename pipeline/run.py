@@ -80,7 +80,7 @@ def build(p: beam.Pipeline, config: RunConfig, run_id: str) -> None:
       config.phi_rules)
   read = path_checked.kept | "ReadHeaders" >> ReadHeaders()
   header_checked = read.images | "FlagPhiByHeader" >> FlagPhiByHeader(
-      config.phi_rules)
+      config.phi_rules, config.deid_recipe_text)
   grouped = header_checked.kept | "GroupStudies" >> GroupStudies(
       config.collection, config.item_id)
   written = grouped["studies"] | "WriteStudyArchive" >> WriteStudyArchive(

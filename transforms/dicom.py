@@ -9,8 +9,8 @@ large OB/OW/UN blobs) are left out.
 from __future__ import annotations
 
 import json
-import math
-from typing import Any, Dict, Iterable, Optional
+import re
+from typing import Any, Dict, Iterable, Optional, Tuple
 
 import apache_beam as beam
 import pydicom
@@ -97,18 +97,40 @@ def first_value(header: Dict[str, Any], keyword_tag: str) -> Optional[Any]:
 _STUDY_UID, _SERIES_UID, _SOP_UID = "0020000D", "0020000E", "00080018"
 
 
+_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+
+
+def _parse(fileobj) -> Tuple[Dataset, bool]:
+  """(dataset, has Part 10 preamble). Raises ValueError with a reason.
+
+  A dataset written without the 128-byte preamble and 'DICM' prefix is still
+  read (pydicom's force=True), but kept only if it then has real UIDs: forced
+  reading of a text or image file yields no UIDs and is rejected.
+  """
+  try:
+    return pydicom.dcmread(fileobj, stop_before_pixels=True), True
+  except InvalidDicomError as e:
+    not_dicom = e
+  except Exception as e:  # pylint: disable=broad-except
+    raise ValueError(f"DICOM header cannot be parsed: "
+                     f"{type(e).__name__}: {e}") from e
+  fileobj.seek(0)
+  try:
+    return pydicom.dcmread(fileobj, stop_before_pixels=True, force=True), False
+  except Exception:  # pylint: disable=broad-except
+    raise ValueError(f"not a DICOM file: {not_dicom}") from not_dicom
+
+
 def read_image_record(source: SourceFile, fileobj) -> ImageRecord:
   """Parses one file's header. Raises ValueError with a reason on bad input."""
   if source.size_bytes == 0:
     raise ValueError("empty file (0 bytes)")
+  ds, part10 = _parse(fileobj)
   try:
-    ds = pydicom.dcmread(fileobj, stop_before_pixels=True)
-  except InvalidDicomError as e:
-    raise ValueError(f"not a DICOM file: {e}") from e
+    header = header_to_json(ds)
   except Exception as e:  # pylint: disable=broad-except
-    raise ValueError(f"DICOM header cannot be parsed: "
+    raise ValueError(f"DICOM header cannot be read: "
                      f"{type(e).__name__}: {e}") from e
-  header = header_to_json(ds)
   uids = {}
   for name, tag in (("StudyInstanceUID", _STUDY_UID),
                     ("SeriesInstanceUID", _SERIES_UID),
@@ -116,7 +138,12 @@ def read_image_record(source: SourceFile, fileobj) -> ImageRecord:
     value = first_value(header, tag)
     value = str(value).strip() if value is not None else ""
     if not value and name != "SeriesInstanceUID":
-      raise ValueError(f"header lacks {name}")
+      raise ValueError("not a DICOM file: no 'DICM' preamble, and no UIDs "
+                       "when read without one" if not part10
+                       else f"header lacks {name}")
+    if not part10 and value and not _UID.match(value):
+      raise ValueError(f"not a DICOM file: no 'DICM' preamble, and {name} "
+                       f"{value!r:.40} is not a UID")
     uids[name] = value
   meta = getattr(ds, "file_meta", None)
   ts = meta.get("TransferSyntaxUID") if meta is not None else None

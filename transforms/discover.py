@@ -7,6 +7,7 @@ files of one large root spread over all workers.
 from __future__ import annotations
 
 import logging
+import os
 from typing import Iterable, List, Sequence
 
 import apache_beam as beam
@@ -65,6 +66,19 @@ def source_file_for(root: str, path: str, size_bytes: int) -> SourceFile:
                     relpath="/".join(parts[depth + 1:]), size_bytes=size_bytes)
 
 
+def check_inside_root(root: str, path: str) -> None:
+  """A local file must resolve to a place inside its root: a symbolic link
+  pointing elsewhere is never followed (Cloud Storage has no links)."""
+  if FileSystems.get_scheme(path) not in (None, "file"):
+    return
+  depth = len(root.rstrip("/").split("/"))
+  root_dir = os.path.realpath("/".join(path.split("/")[:depth]))
+  target = os.path.realpath(path)
+  if os.path.commonpath([root_dir, target]) != root_dir:
+    raise UnsafeKeyComponent(
+        "symbolic link points outside the input root; not followed")
+
+
 class _ListRoot(beam.DoFn):
   """Lists every file below one input root."""
 
@@ -85,7 +99,9 @@ class _ToSourceFile(beam.DoFn):
   def process(self, listed: tuple):
     root, path, size_bytes = listed
     try:
-      yield source_file_for(root, path, size_bytes)
+      source = source_file_for(root, path, size_bytes)
+      check_inside_root(root, path)
+      yield source
     except UnsafeKeyComponent as e:
       self.rejected.inc()
       parts = path[len(root):].strip("/").split("/")

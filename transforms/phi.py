@@ -3,9 +3,13 @@
 Rules are pluggable: each has a name and a check that returns a reason or
 None. Path rules run before a file is even opened; header rules run on the
 parsed header. The first matching rule's reason goes to the report.
+Rules: folder (a PHI/ folder), header (BurnedInAnnotation=YES), deid (the
+deid package's detector with its default or a given recipe).
 """
 from __future__ import annotations
 
+import os
+import tempfile
 from typing import Iterable, Optional, Sequence
 
 import apache_beam as beam
@@ -41,8 +45,51 @@ class BurnedInAnnotationRule:
     return None
 
 
+class DeidRecipeRule:
+  """The `deid` package's burned-in pixel detector (has_burned_pixels).
+
+  It judges from the header, by the recipe's %filter groups (by default
+  deid's own 'dicom' recipe, after the MIRC CTP criteria): a hit in a
+  blacklist or graylist group flags the image. A recipe file's text is read
+  when the pipeline is built, so that workers need no access to the file.
+  """
+  name = "deid"
+
+  def __init__(self, recipe_text: Optional[str] = None):
+    self.recipe_text = recipe_text
+    self._recipe = None
+
+  def _load(self):
+    from deid.config import DeidRecipe  # heavy import: only when enabled
+    if self.recipe_text is None:
+      return DeidRecipe("dicom")
+    with tempfile.TemporaryDirectory() as tmp:
+      path = os.path.join(tmp, "deid.dicom")
+      with open(path, "w", encoding="utf-8") as f:
+        f.write(self.recipe_text)
+      return DeidRecipe(path)
+
+  def check(self, image: ImageRecord) -> Optional[str]:
+    from deid.dicom.pixels import has_burned_pixels
+    from pydicom.dataset import Dataset
+    if self._recipe is None:
+      self._recipe = self._load()
+    # The header's DICOM JSON, minus values kept only as raw text.
+    ds = Dataset.from_json({k: v for k, v in image.header.items()
+                            if not v.get("InvalidValue")})
+    result = has_burned_pixels(ds, deid=self._recipe)
+    if not result["flagged"]:
+      return None
+    hits = "; ".join(f"{r['group']}: {r['reason'].strip()}"
+                     for r in result["results"])
+    return f"deid recipe {hits}"
+
+  def __getstate__(self):
+    return {"recipe_text": self.recipe_text, "_recipe": None}
+
+
 PATH_RULES = {"folder": PhiFolderRule}
-HEADER_RULES = {"header": BurnedInAnnotationRule}
+HEADER_RULES = {"header": BurnedInAnnotationRule, "deid": DeidRecipeRule}
 DEFAULT_RULES = ("folder", "header")
 
 
@@ -105,9 +152,12 @@ class FlagPhiByPath(beam.PTransform):
 class FlagPhiByHeader(beam.PTransform):
   """ImageRecord -> kept ImageRecord (main) and flagged Excluded ('excluded')."""
 
-  def __init__(self, rule_names: Sequence[str] = DEFAULT_RULES):
+  def __init__(self, rule_names: Sequence[str] = DEFAULT_RULES,
+               deid_recipe_text: Optional[str] = None):
     super().__init__()
-    self.rules = [HEADER_RULES[n]() for n in rule_names if n in HEADER_RULES]
+    self.rules = [DeidRecipeRule(deid_recipe_text) if n == "deid"
+                  else HEADER_RULES[n]()
+                  for n in rule_names if n in HEADER_RULES]
 
   def expand(self, images):
     return images | "ApplyHeaderRules" >> beam.ParDo(

@@ -131,10 +131,18 @@ def _scalar_error(type_: str, value: Any) -> str:
   return f"has unknown type {type_}"
 
 
+# BigQuery's streaming insert takes rows up to 10 MB; keep a margin.
+MAX_ROW_BYTES = 9 * 1024 * 1024
+
+
 def row_errors(row: Dict[str, Any], fields=None, prefix: str = "") -> List[str]:
   """Every way the row does not fit the schema; empty when it fits."""
-  fields = TABLE_SCHEMA["fields"] if fields is None else fields
   errors = []
+  if fields is None:
+    fields = TABLE_SCHEMA["fields"]
+    size = len(json.dumps(row, default=str).encode("utf-8"))
+    if size > MAX_ROW_BYTES:
+      errors.append(f"row is {size} bytes (at most {MAX_ROW_BYTES})")
   known = {f["name"] for f in fields}
   errors += [f"{prefix}{k}: not in the schema" for k in row if k not in known]
   for f in fields:
