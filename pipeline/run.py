@@ -81,8 +81,12 @@ def build(p: beam.Pipeline, config: RunConfig, run_id: str) -> None:
   read = path_checked.kept | "ReadHeaders" >> ReadHeaders()
   header_checked = read.images | "FlagPhiByHeader" >> FlagPhiByHeader(
       config.phi_rules, config.deid_recipe_text)
-  grouped = header_checked.kept | "GroupStudies" >> GroupStudies(
-      config.collection, config.item_id)
+  # Flagged files' own headers, so that no other copy of them is stored.
+  flagged_images = (
+      (path_checked.flagged | "ReadFlaggedHeaders" >> ReadHeaders()).images,
+      header_checked.flagged) | "AllFlagged" >> beam.Flatten()
+  grouped = {"images": header_checked.kept, "flagged": flagged_images} | (
+      "GroupStudies" >> GroupStudies(config.collection, config.item_id))
   written = grouped["studies"] | "WriteStudyArchive" >> WriteStudyArchive(
       config.bucket, config.compression_level)
   rows = written.stored | "BuildRows" >> BuildRows(

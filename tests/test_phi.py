@@ -45,3 +45,42 @@ def test_rules_can_be_switched_off():
   with TestPipeline() as p:
     out = p | Create([_img("1", "YES")]) | FlagPhiByHeader(["folder"])
     assert_that(out.kept | Map(lambda i: i.sop_instance_uid), equal_to(["1"]))
+
+
+def _ct_image(**attrs):
+  import pydicom
+  from pydicom.data import get_testdata_file
+  from transforms.dicom import header_to_json
+  ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"), stop_before_pixels=True)
+  for k, v in attrs.items():
+    setattr(ds, k, v)
+  return ImageRecord(_src(f"{ds.Modality}.dcm"), "1", "2",
+                     str(attrs), header_to_json(ds))
+
+
+def test_deid_rule_with_its_default_recipe():
+  from transforms.phi import DeidRecipeRule
+  rule = DeidRecipeRule()
+  assert rule.check(_ct_image()) is None
+  reason = rule.check(_ct_image(ImageType=["DERIVED", "SECONDARY"]))
+  assert reason.startswith("deid recipe blacklist:")
+  assert "DERIVED" in reason
+
+
+RECIPE = """FORMAT dicom
+
+%filter lab_screens
+
+LABEL Any CT from our lab scanner
+  contains Modality CT
+"""
+
+
+def test_deid_rule_with_a_recipe_file_flags_through_the_transform():
+  with TestPipeline() as p:
+    out = p | Create([_ct_image()]) | FlagPhiByHeader(
+        ["deid"], deid_recipe_text=RECIPE)
+    assert_that(out.kept, equal_to([]), label="kept")
+    assert_that(out.excluded | Map(lambda e: e.reason), equal_to(
+        ["PHI rule 'deid': deid recipe lab_screens: Modality contains CT"]),
+        label="flagged")

@@ -19,7 +19,7 @@ def test_images_group_into_studies_with_their_object_keys():
             _img("E1", "a.dcm", "1.1", "s1", "ACC1"),
             _img("E2", "c.dcm", "2.1", "s3", None, date="bad")]
   with TestPipeline() as p:
-    out = p | Create(images) | GroupStudies("C1")
+    out = _group(p, images)
     assert_that(out["studies"] | Map(lambda s: (
         s.object_key, [i.source.relpath for i in s.images])), equal_to([
             ("Collection/C1/Entity/E1/E1_20200102_ACC1.tar.gz",
@@ -27,6 +27,26 @@ def test_images_group_into_studies_with_their_object_keys():
             ("Collection/C1/Entity/E2/E2_00000000_uid"
              "a5ad9d8f6cf1.tar.gz".replace("a5ad9d8f6cf1", _short("2.1")),
              ["c.dcm"])]))
+
+
+def _group(p, images, flagged=()):
+  return {"images": p | "Images" >> Create(images),
+          "flagged": p | "Flagged" >> Create(list(flagged))} | GroupStudies("C1")
+
+
+def test_a_copy_of_a_flagged_instance_is_flagged_too():
+  images = [_img("E1", "a.dcm", "1.1", "s1", "A"),
+            _img("E1", "b.dcm", "1.1", "s2", "A")]
+  flagged = [_img("E1", "PHI/a.dcm", "1.1", "s1", "A")]
+  with TestPipeline() as p:
+    out = _group(p, images, flagged)
+    assert_that(out["studies"] | Map(lambda s: [i.sop_instance_uid
+                                                for i in s.images]),
+                equal_to([["s2"]]), label="studies")
+    assert_that(out["excluded"] | Map(lambda e: (e.path, e.status, e.reason)),
+                equal_to([("/in/E1/a.dcm", "flagged",
+                           "another copy of SOP instance s1 is flagged "
+                           "(/in/E1/PHI/a.dcm)")]), label="excluded")
 
 
 def _short(uid):
@@ -38,7 +58,7 @@ def test_duplicate_sop_instances_keep_the_first_path():
   images = [_img("E1", "z.dcm", "1.1", "s1", "A"),
             _img("E1", "a.dcm", "1.1", "s1", "A")]
   with TestPipeline() as p:
-    out = p | Create(images) | GroupStudies("C1")
+    out = _group(p, images)
     assert_that(out["studies"] | Map(lambda s: [i.source.relpath
                                                 for i in s.images]),
                 equal_to([["a.dcm"]]), label="studies")
@@ -50,7 +70,7 @@ def test_studies_that_would_share_a_name_both_survive():
   images = [_img("E1", "a.dcm", "1.1", "s1", "SAME"),
             _img("E1", "b.dcm", "1.2", "s2", "SAME")]
   with TestPipeline() as p:
-    out = p | Create(images) | GroupStudies("C1")
+    out = _group(p, images)
     assert_that(out["studies"] | Map(lambda s: s.item_id), equal_to([
         "SAME-" + _short("1.1")[:8], "SAME-" + _short("1.2")[:8]]))
 
@@ -58,7 +78,7 @@ def test_studies_that_would_share_a_name_both_survive():
 def test_an_unsafe_item_id_rejects_the_study():
   images = [_img("E1", "a.dcm", "1.1", "s1", "../../etc")]
   with TestPipeline() as p:
-    out = p | Create(images) | GroupStudies("C1")
+    out = _group(p, images)
     assert_that(out["studies"], equal_to([]), label="studies")
     assert_that(out["excluded"] | Map(lambda e: e.reason), equal_to([
         "study 1.1 cannot be named: item id '../../etc' contains a path "

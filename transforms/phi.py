@@ -19,6 +19,7 @@ from transforms.dicom import first_value
 from transforms.records import FLAGGED, Excluded, ImageRecord, SourceFile
 
 EXCLUDED_TAG = "excluded"
+FLAGGED_TAG = "flagged"   # the flagged elements themselves, for GroupStudies
 PHI_FOLDER = "PHI"
 _BURNED_IN_ANNOTATION = "00280301"
 
@@ -71,12 +72,14 @@ class DeidRecipeRule:
 
   def check(self, image: ImageRecord) -> Optional[str]:
     from deid.dicom.pixels import has_burned_pixels
-    from pydicom.dataset import Dataset
+    from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
     if self._recipe is None:
       self._recipe = self._load()
-    # The header's DICOM JSON, minus values kept only as raw text.
-    ds = Dataset.from_json({k: v for k, v in image.header.items()
-                            if not v.get("InvalidValue")})
+    # The header's DICOM JSON, minus values kept only as raw text; deid takes
+    # a FileDataset as already read.
+    ds = FileDataset("", Dataset.from_json(
+        {k: v for k, v in image.header.items() if not v.get("InvalidValue")}),
+        file_meta=FileMetaDataset(), preamble=None)
     result = has_burned_pixels(ds, deid=self._recipe)
     if not result["flagged"]:
       return None
@@ -116,6 +119,7 @@ class _ApplyRules(beam.DoFn):
         yield beam.pvalue.TaggedOutput(EXCLUDED_TAG, Excluded(
             self.path_of(element), self.entity_of(element), FLAGGED,
             f"PHI rule '{rule.name}': {reason}"))
+        yield beam.pvalue.TaggedOutput(FLAGGED_TAG, element)
         return
     yield element
 
@@ -137,7 +141,8 @@ def _image_entity(i: ImageRecord) -> str:
 
 
 class FlagPhiByPath(beam.PTransform):
-  """SourceFile -> kept SourceFile (main) and flagged Excluded ('excluded')."""
+  """SourceFile -> kept SourceFile (main), flagged Excluded ('excluded') and
+  the flagged SourceFiles themselves ('flagged')."""
 
   def __init__(self, rule_names: Sequence[str] = DEFAULT_RULES):
     super().__init__()
@@ -146,11 +151,12 @@ class FlagPhiByPath(beam.PTransform):
   def expand(self, files):
     return files | "ApplyPathRules" >> beam.ParDo(
         _ApplyRules(self.rules, _source_entity, _source_path)).with_outputs(
-            EXCLUDED_TAG, main="kept")
+            EXCLUDED_TAG, FLAGGED_TAG, main="kept")
 
 
 class FlagPhiByHeader(beam.PTransform):
-  """ImageRecord -> kept ImageRecord (main) and flagged Excluded ('excluded')."""
+  """ImageRecord -> kept ImageRecord (main), flagged Excluded ('excluded') and
+  the flagged ImageRecords themselves ('flagged')."""
 
   def __init__(self, rule_names: Sequence[str] = DEFAULT_RULES,
                deid_recipe_text: Optional[str] = None):
@@ -162,4 +168,4 @@ class FlagPhiByHeader(beam.PTransform):
   def expand(self, images):
     return images | "ApplyHeaderRules" >> beam.ParDo(
         _ApplyRules(self.rules, _image_entity, _image_path)).with_outputs(
-            EXCLUDED_TAG, main="kept")
+            EXCLUDED_TAG, FLAGGED_TAG, main="kept")

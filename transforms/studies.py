@@ -10,7 +10,7 @@ Two groupings, both over small records only:
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterable, List, Tuple
+from typing import Dict, Iterable, List, Tuple
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
@@ -20,7 +20,8 @@ from transforms.dicom import first_value
 from transforms.keys import (UnsafeKeyComponent, check_key_component,
                              study_date_component, study_object_key,
                              study_object_name, uid_short_id)
-from transforms.records import REJECTED, Excluded, ImageRecord, Study
+from transforms.records import (FLAGGED, REJECTED, Excluded, ImageRecord,
+                                Study)
 
 EXCLUDED_TAG = "excluded"
 DEFAULT_ITEM_KEYWORD = "AccessionNumber"
@@ -94,6 +95,23 @@ def disambiguate(collection: str, studies: List[Study]) -> List[Study]:
   return renamed
 
 
+def drop_flagged_copies(images: List[ImageRecord], flagged: Dict[str, str]
+                        ) -> Tuple[List[ImageRecord], List[Excluded]]:
+  """Defense in depth: when any copy of a SOP instance in this study was
+  flagged (say one in PHI/ and one outside it), no copy of it is stored."""
+  kept, dropped = [], []
+  for image in images:
+    flagged_path = flagged.get(image.sop_instance_uid)
+    if flagged_path is None:
+      kept.append(image)
+    else:
+      dropped.append(Excluded(
+          image.source.path, image.source.entity_id, FLAGGED,
+          f"another copy of SOP instance {image.sop_instance_uid} is "
+          f"flagged ({flagged_path})"))
+  return kept, dropped
+
+
 class _BuildStudy(beam.DoFn):
   def __init__(self, collection: str, item_tag: str):
     self.collection = collection
@@ -101,8 +119,13 @@ class _BuildStudy(beam.DoFn):
     self.duplicates = Metrics.counter("studies", "duplicate_instances")
 
   def process(self, keyed) -> Iterable:
-    (entity_id, study_uid), images = keyed
-    images = list(images)
+    (entity_id, study_uid), grouped = keyed
+    flagged = dict(sorted(grouped["flagged"]))
+    images, dropped = drop_flagged_copies(list(grouped["images"]), flagged)
+    for excluded in dropped:
+      yield beam.pvalue.TaggedOutput(EXCLUDED_TAG, excluded)
+    if not images:
+      return
     try:
       study, duplicates = build_study(self.collection, entity_id, study_uid,
                                       images, self.item_tag)
@@ -131,24 +154,31 @@ def _by_study(image: ImageRecord):
   return (image.source.entity_id, image.study_instance_uid), image
 
 
+def _flagged_by_study(image: ImageRecord):
+  return ((image.source.entity_id, image.study_instance_uid),
+          (image.sop_instance_uid, image.source.path))
+
+
 def _by_object_name(study: Study):
   return (study.entity_id, study_object_name(
       study.entity_id, study.study_date, study.item_id)), study
 
 
 class GroupStudies(beam.PTransform):
-  """ImageRecord -> Study (main) and Excluded ('excluded')."""
+  """{'images': kept ImageRecords, 'flagged': flagged ImageRecords} ->
+  {'studies': Study, 'excluded': Excluded}."""
 
   def __init__(self, collection: str, item_keyword: str = DEFAULT_ITEM_KEYWORD):
     super().__init__()
     self.collection = collection
     self.item_tag = keyword_tag(item_keyword)
 
-  def expand(self, images):
+  def expand(self, inputs):
     built = (
-        images
-        | "KeyByStudy" >> beam.Map(_by_study)
-        | "GroupByStudy" >> beam.GroupByKey()
+        {"images": inputs["images"] | "KeyByStudy" >> beam.Map(_by_study),
+         "flagged": inputs["flagged"]
+                    | "KeyFlaggedByStudy" >> beam.Map(_flagged_by_study)}
+        | "GroupByStudy" >> beam.CoGroupByKey()
         | "BuildStudy" >> beam.ParDo(
             _BuildStudy(self.collection, self.item_tag)).with_outputs(
                 EXCLUDED_TAG, main="studies"))
