@@ -53,7 +53,8 @@ def all_input_files(root: Path) -> List[Path]:
 def check_run(input_root: Path, bucket: Path, rows: List[dict], report: dict,
               collection: str = "IRB41449") -> Dict[str, bytes]:
   """Asserts the invariants; returns {object path: bytes} for more checks."""
-  objects = {p: p.read_bytes() for p in sorted(bucket.rglob("*.tar.gz"))}
+  objects = {p: p.read_bytes() for p in sorted(bucket.rglob("*.tar.gz"))
+             if p.is_file()}
   assert not list(bucket.rglob("*.partial")), "partial object left behind"
   members_by_object = {}
   for path, data in objects.items():

@@ -185,8 +185,10 @@ class _WriteStudyArchive(beam.DoFn):
     # under the key schema.
     atomic = FileSystems.get_scheme(uri) == "gs"
     tmp = uri if atomic else uri + ".partial"
+    created = False
     try:
       with FileSystems.create(tmp) as out:
+        created = True
         members, sink = write_study_archive(study, out, self.level)
       if not atomic:
         FileSystems.rename([tmp], [uri])
@@ -194,7 +196,8 @@ class _WriteStudyArchive(beam.DoFn):
       self.failed.inc()
       logging.error("Study %s (%s) failed: %s", study.study_instance_uid,
                     uri, e)
-      _delete_quietly(tmp)
+      if created:
+        _delete_quietly(tmp)
       for image in study.images:
         yield beam.pvalue.TaggedOutput(EXCLUDED_TAG, Excluded(
             image.source.path, study.entity_id, FAILED,
