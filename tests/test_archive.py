@@ -103,11 +103,20 @@ def test_a_file_that_changed_size_fails_the_study(tmp_path):
 def test_sink_reports_md5_and_crc32c_like_cloud_storage(tmp_path):
   out = io.BytesIO()
   writer = StudyArchiveWriter(out)
-  writer.add_bytes("x", b"hello")
-  writer.close()
+  writer.close(*writer.add_bytes("x", b"hello"))
   import base64, hashlib, google_crc32c
   data = out.getvalue()
   assert writer.sink.md5_base64() == base64.b64encode(
       hashlib.md5(data).digest()).decode()
   assert writer.sink.crc32c_base64() == base64.b64encode(
       google_crc32c.value(data).to_bytes(4, "big")).decode()
+
+
+def test_the_manifest_is_found_from_the_last_bytes(tmp_path):
+  from transforms.archive import INDEX_TAIL_BYTES, find_manifest
+  data, _, _ = _write(_study(tmp_path, CONTENTS))
+  offset, length = find_manifest(data[-INDEX_TAIL_BYTES:])
+  info, raw = read_member_at(data, offset, length)
+  assert info.name.endswith("/manifest.json")
+  assert len(json.loads(raw)["members"]) == len(CONTENTS)
+  assert offset + length < len(data) <= offset + length + INDEX_TAIL_BYTES

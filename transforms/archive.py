@@ -6,7 +6,8 @@ final member. Concatenated gzip members are plain gzip (RFC 1952), so the
 object is a standard .tar.gz for GNU tar, gzip -t and Python's tarfile; and
 because each image starts a member of its own, one ranged read of
 [member_offset, member_offset + member_length) decompresses to exactly that
-image's tar entry.
+image's tar entry. The final member's gzip header records where the
+manifest member is, so the manifest can be read from the object's tail.
 
 Reproducible: members are sorted, tar headers carry fixed mtime/uid/gid/mode
 and no user names, the gzip headers have mtime 0, and the manifest holds
@@ -20,7 +21,9 @@ import datetime
 import hashlib
 import json
 import logging
+import struct
 import tarfile
+import zlib
 from typing import BinaryIO, Callable, Iterable, List, Optional, Tuple
 
 import apache_beam as beam
@@ -120,9 +123,37 @@ class StudyArchiveWriter:
     padding = b"\0" * (-len(data) % _BLOCK)
     return self._member([tar_header(name, len(data)), data, padding])
 
-  def close(self) -> None:
-    """The end-of-archive marker: two zero blocks, in a member of its own."""
-    self._member([b"\0" * (2 * _BLOCK)])
+  def close(self, manifest_offset: int, manifest_length: int) -> None:
+    """The end-of-archive marker, two zero blocks, in a final member whose
+    gzip header carries where the manifest member is (an RFC 1952 FEXTRA
+    subfield, which every gzip reader skips): a reader finds the manifest
+    from the object's last bytes, without reading the rest."""
+    eof = b"\0" * (2 * _BLOCK)
+    deflate = isal_zlib.compressobj(self.level, isal_zlib.DEFLATED, -15)
+    body = deflate.compress(eof) + deflate.flush()
+    self.sink.write(
+        index_member_header(manifest_offset, manifest_length) + body +
+        struct.pack("<II", zlib.crc32(eof), len(eof)))
+
+
+# Final member's gzip header: FEXTRA flag, mtime 0, OS unknown, one subfield
+# 'DM' (DICOM manifest) holding the manifest member's offset and length.
+INDEX_SUBFIELD = b"DM"
+_INDEX_HEADER = (b"\x1f\x8b\x08\x04\x00\x00\x00\x00\x00\xff"
+                 + struct.pack("<H", 20) + INDEX_SUBFIELD + struct.pack("<H", 16))
+INDEX_TAIL_BYTES = 128   # the final member is shorter than this
+
+
+def index_member_header(manifest_offset: int, manifest_length: int) -> bytes:
+  return _INDEX_HEADER + struct.pack("<QQ", manifest_offset, manifest_length)
+
+
+def find_manifest(tail: bytes) -> Tuple[int, int]:
+  """(offset, length) of the manifest member, from the object's last bytes."""
+  at = tail.rfind(_INDEX_HEADER)
+  if at < 0:
+    raise ValueError("no manifest index at the end of the object")
+  return struct.unpack_from("<QQ", tail, at + len(_INDEX_HEADER))
 
 
 def manifest_bytes(study: Study, members: List[MemberLocation]) -> bytes:
@@ -158,9 +189,9 @@ def write_study_archive(study: Study, out: BinaryIO,
         sop_instance_uid=image.sop_instance_uid, member=name,
         size_bytes=image.source.size_bytes, sha256=sha256,
         member_offset=offset, member_length=length))
-  writer.add_bytes(f"{study.archive_root}/{MANIFEST_NAME}",
-                   manifest_bytes(study, members))
-  writer.close()
+  manifest_at = writer.add_bytes(f"{study.archive_root}/{MANIFEST_NAME}",
+                                 manifest_bytes(study, members))
+  writer.close(*manifest_at)
   return members, writer.sink
 
 
