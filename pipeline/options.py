@@ -2,16 +2,19 @@
 environment variables, and the checks that run before any work."""
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import os
-import tempfile
+import re
 from typing import List, Optional
 
+from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from transforms import discover, phi, studies
 from transforms.archive import DEFAULT_COMPRESSION_LEVEL
-from transforms.keys import UnsafeKeyComponent, check_collection, join_uri
+from transforms.keys import (UnsafeKeyComponent, check_collection,
+                             check_key_component, join_uri)
 
 
 class OptionsError(ValueError):
@@ -24,6 +27,15 @@ def _env_bucket() -> Optional[str]:
   if value and "://" not in value and not value.startswith("/"):
     return "gs://" + value
   return value
+
+
+def _flag(value: str) -> bool:
+  """--overwrite, --overwrite=true/false (flex templates pass a value)."""
+  if value.lower() in ("true", "1", "yes"):
+    return True
+  if value.lower() in ("false", "0", "no"):
+    return False
+  raise argparse.ArgumentTypeError(f"expected true or false, not {value!r}")
 
 
 class StorageOptions(PipelineOptions):
@@ -53,11 +65,13 @@ class StorageOptions(PipelineOptions):
         "--dead_letter",
         help="Folder for rows that could not be written, as newline-"
              "delimited JSON with the error. Default: "
-             "<metadata_output>/dead_letter.")
+             "<metadata_output>/dead_letter, else "
+             "<bucket>/Runs/<collection>/<run id>/dead_letter.")
     parser.add_argument(
         "--report",
         help="Path of the JSON run report. Default: "
-             "<metadata_output>/report.json, else a temporary file.")
+             "<metadata_output>/report.json, else "
+             "<bucket>/Runs/<collection>/<run id>/report.json.")
     parser.add_argument(
         "--item_id", default=studies.DEFAULT_ITEM_KEYWORD,
         help="DICOM keyword whose value names a study's object "
@@ -75,6 +89,38 @@ class StorageOptions(PipelineOptions):
     parser.add_argument(
         "--compression_level", type=int, default=DEFAULT_COMPRESSION_LEVEL,
         help="gzip (ISA-L) level 0-3 for study objects. Default: 2.")
+    parser.add_argument(
+        "--entities_file",
+        help="Text file (local or gs://) listing the entity ids to process, "
+             "one per line; other entity folders are left alone.")
+    parser.add_argument(
+        "--overwrite", type=_flag, nargs="?", const=True, default=False,
+        help="Rewrite every study object and its rows, even when the stored "
+             "object already holds exactly these images.")
+    parser.add_argument(
+        "--bigquery_project", default=os.environ.get("GOOGLE_PROJECT_NAME"),
+        help="Send rows to BigQuery table PROJECT:<collection>.dicom. "
+             "Default: $GOOGLE_PROJECT_NAME.")
+    parser.add_argument(
+        "--bigquery_table",
+        help="Send rows to this table instead: PROJECT:DATASET.TABLE.")
+    parser.add_argument(
+        "--bigquery_method", default="STREAMING_INSERTS",
+        choices=["STREAMING_INSERTS", "FILE_LOADS"],
+        help="How rows reach BigQuery: STREAMING_INSERTS (as studies finish) "
+             "or FILE_LOADS (load jobs, for large backfills).")
+
+
+def help_text() -> str:
+  """--help: this pipeline's own options (Beam's own pass through)."""
+  parser = argparse.ArgumentParser(
+      prog="python -m pipeline",
+      description="Store de-identified DICOM entity folders as one .tar.gz "
+                  "per study, with one metadata row per image.",
+      epilog="Standard Beam options (--runner, --project, --region, "
+             "--temp_location, --direct_num_workers, ...) pass through.")
+  StorageOptions._add_argparse_args(parser)  # pylint: disable=protected-access
+  return parser.format_help()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,6 +136,10 @@ class RunConfig:
   phi_rules: List[str]
   deid_recipe_text: Optional[str]
   compression_level: int
+  entities: Optional[List[str]]
+  overwrite: bool
+  bigquery_table: Optional[str]       # PROJECT:DATASET.TABLE
+  bigquery_method: str
 
 
 def _absolute(path: Optional[str]) -> Optional[str]:
@@ -111,8 +161,10 @@ def resolve(opts: StorageOptions, run_id: str) -> RunConfig:
     check_collection(opts.collection)
   except UnsafeKeyComponent as e:
     raise OptionsError(f"--collection: {e}") from e
-  if not opts.metadata_output:
-    raise OptionsError("--metadata_output is required: where rows go")
+  table = bigquery_table(opts)
+  if not opts.metadata_output and not table:
+    raise OptionsError("--metadata_output or --bigquery_project is required: "
+                       "where rows go")
   try:
     roots = [_absolute(r) for r in discover.split_input_roots(opts.input)]
     rules = [r.strip() for r in opts.phi_rules.split(",") if r.strip()]
@@ -126,20 +178,59 @@ def resolve(opts: StorageOptions, run_id: str) -> RunConfig:
   if opts.deid_recipe:
     if "deid" not in rules:
       raise OptionsError("--deid_recipe needs 'deid' in --phi_rules")
+    recipe_text = _read_text(opts.deid_recipe, "--deid_recipe")
+  entities = None
+  if opts.entities_file:
+    entities = [line.strip() for line in _read_text(
+        opts.entities_file, "--entities_file").splitlines()
+                if line.strip() and not line.startswith("#")]
+    if not entities:
+      raise OptionsError("--entities_file lists no entity ids")
     try:
-      with open(opts.deid_recipe, encoding="utf-8") as f:
-        recipe_text = f.read()
-    except OSError as e:
-      raise OptionsError(f"--deid_recipe cannot be read: {e}") from e
+      for entity in entities:
+        check_key_component(entity, "entity id")
+    except UnsafeKeyComponent as e:
+      raise OptionsError(f"--entities_file: {e}") from e
   metadata_output = _absolute(opts.metadata_output)
-  report = _absolute(opts.report) or (
-      join_uri(metadata_output, "report.json") if metadata_output else
-      os.path.join(tempfile.gettempdir(), f"dicom-storage-report-{run_id}.json"))
+  bucket = _absolute(opts.bucket).rstrip("/")
+  # Without a local rows folder, the report and dead letters go to the
+  # bucket, beside (never under) the Collection/ key schema.
+  side = metadata_output or join_uri(bucket, f"Runs/{opts.collection}/{run_id}")
   return RunConfig(
-      input_roots=roots, bucket=_absolute(opts.bucket).rstrip("/"),
+      input_roots=roots, bucket=bucket,
       collection=opts.collection, metadata_output=metadata_output,
-      dead_letter=_absolute(opts.dead_letter) or join_uri(
-          metadata_output, "dead_letter"),
-      report=report, item_id=opts.item_id, phi_rules=rules,
-      deid_recipe_text=recipe_text,
-      compression_level=opts.compression_level)
+      dead_letter=_absolute(opts.dead_letter) or join_uri(side, "dead_letter"),
+      report=_absolute(opts.report) or join_uri(side, "report.json"),
+      item_id=opts.item_id, phi_rules=rules, deid_recipe_text=recipe_text,
+      compression_level=opts.compression_level, entities=entities,
+      overwrite=bool(opts.overwrite), bigquery_table=table,
+      bigquery_method=opts.bigquery_method)
+
+
+TABLE_PATTERN = re.compile(
+    r"^(?P<project>[a-z][a-z0-9.:-]{4,61}[a-z0-9]):(?P<dataset>[A-Za-z0-9_]{1,1024})"
+    r"\.(?P<table>[A-Za-z0-9_]{1,1024})$")
+
+
+def bigquery_table(opts: StorageOptions) -> Optional[str]:
+  """PROJECT:DATASET.TABLE for the rows, or None when BigQuery is not used."""
+  if opts.bigquery_table:
+    if not TABLE_PATTERN.match(opts.bigquery_table):
+      raise OptionsError(f"--bigquery_table {opts.bigquery_table!r} is not "
+                         "PROJECT:DATASET.TABLE")
+    return opts.bigquery_table
+  if opts.bigquery_project:
+    table = f"{opts.bigquery_project}:{opts.collection}.dicom"
+    if not TABLE_PATTERN.match(table):
+      raise OptionsError(f"--bigquery_project {opts.bigquery_project!r} is "
+                         "not a project id")
+    return table
+  return None
+
+
+def _read_text(path: str, option: str) -> str:
+  try:
+    with FileSystems.open(path) as f:
+      return f.read().decode("utf-8")
+  except Exception as e:  # pylint: disable=broad-except
+    raise OptionsError(f"{option} {path!r} cannot be read: {e}") from e

@@ -22,7 +22,8 @@ from apache_beam.runners.portability.fn_api_runner import fn_runner
 from apache_beam.runners.portability.portable_runner import JobServiceHandle
 
 from pipeline import __version__
-from pipeline.options import OptionsError, RunConfig, StorageOptions, resolve
+from pipeline.options import (OptionsError, RunConfig, StorageOptions,
+                              help_text, resolve)
 from transforms.archive import WriteStudyArchive
 from transforms.dicom import ReadHeaders
 from transforms.discover import (DiscoverEntityFiles, InputError,
@@ -75,7 +76,8 @@ def check_destination(bucket: str, run_id: str) -> None:
 
 def build(p: beam.Pipeline, config: RunConfig, run_id: str) -> None:
   """The graph, in the order the product is described."""
-  found = p | "Discover" >> DiscoverEntityFiles(config.input_roots)
+  found = p | "Discover" >> DiscoverEntityFiles(config.input_roots,
+                                               config.entities)
   path_checked = found.files | "FlagPhiByPath" >> FlagPhiByPath(
       config.phi_rules)
   read = path_checked.kept | "ReadHeaders" >> ReadHeaders()
@@ -145,6 +147,10 @@ def run(argv: Optional[List[str]] = None) -> dict:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+  argv = list(sys.argv[1:] if argv is None else argv)
+  if "--help" in argv or "-h" in argv:
+    print(help_text())
+    return 0
   try:
     report = run(argv)
   except OptionsError as e:

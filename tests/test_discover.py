@@ -57,3 +57,12 @@ def test_check_input_roots(tmp_path):
   for bad in ("empty", "missing"):
     with pytest.raises(InputError, match="holds no files"):
       check_input_roots([str(tmp_path / bad)])
+
+
+def test_an_entity_list_limits_the_listing(tmp_path):
+  _tree(tmp_path / "r")
+  root = str(tmp_path / "r")
+  with TestPipeline() as p:
+    found = p | DiscoverEntityFiles([root], entities=["E2", "E9"])
+    assert_that(found.files | beam.Map(lambda f: f.path),
+                equal_to([f"{root}/E2/z.dcm"]))

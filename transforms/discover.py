@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Iterable, List, Sequence
+from typing import Iterable, List, Optional, Sequence, Tuple
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
@@ -79,14 +79,25 @@ def check_inside_root(root: str, path: str) -> None:
         "symbolic link points outside the input root; not followed")
 
 
+def listing_patterns(roots: Sequence[str],
+                     entities: Optional[Sequence[str]] = None
+                     ) -> List[Tuple[str, str]]:
+  """(root, glob) pairs: everything below each root, or only the named
+  entity folders below it."""
+  if entities is None:
+    return [(root, root + "/**") for root in roots]
+  return [(root, f"{root}/{entity}/**") for root in roots for entity in entities]
+
+
 class _ListRoot(beam.DoFn):
-  """Lists every file below one input root."""
+  """Lists every file matching one (root, glob) pair."""
 
   def __init__(self):
     self.listed = Metrics.counter("discover", "files_listed")
 
-  def process(self, root: str) -> Iterable[tuple]:
-    for result in FileSystems.match([root + "/**"]):
+  def process(self, root_and_pattern: Tuple[str, str]) -> Iterable[tuple]:
+    root, pattern = root_and_pattern
+    for result in FileSystems.match([pattern]):
       for meta in result.metadata_list:
         self.listed.inc()
         yield root, meta.path, meta.size_in_bytes
@@ -113,14 +124,16 @@ class _ToSourceFile(beam.DoFn):
 class DiscoverEntityFiles(beam.PTransform):
   """Input roots -> SourceFile per file (main) and Excluded ('excluded')."""
 
-  def __init__(self, roots: Sequence[str]):
+  def __init__(self, roots: Sequence[str],
+               entities: Optional[Sequence[str]] = None):
     super().__init__()
     self.roots = list(roots)
+    self.entities = None if entities is None else list(entities)
 
   def expand(self, pbegin):
     listed = (
         pbegin
-        | "Roots" >> beam.Create(self.roots)
+        | "Roots" >> beam.Create(listing_patterns(self.roots, self.entities))
         | "ListRoot" >> beam.ParDo(_ListRoot())
         # Listing runs on one worker; spread the files over all of them.
         | "SpreadFiles" >> beam.Reshuffle())
