@@ -24,7 +24,11 @@ from apache_beam.runners.portability.portable_runner import JobServiceHandle
 from pipeline import __version__
 from pipeline.options import (OptionsError, RunConfig, StorageOptions,
                               help_text, resolve)
+from transforms.access import AccessError, check_cloud_access, explain_forbidden
 from transforms.archive import WriteStudyArchive
+from transforms.bigquery import WriteRowsBigQuery, ensure_dataset_and_view
+from transforms.bigquery_emulator import worker_plugin_args
+from transforms.current import ReadCurrentRows
 from transforms.dicom import ReadHeaders
 from transforms.discover import (DiscoverEntityFiles, InputError,
                                  check_input_roots)
@@ -71,7 +75,11 @@ def check_destination(bucket: str, run_id: str) -> None:
       f.write(b"probe")
     FileSystems.delete([probe])
   except Exception as e:  # pylint: disable=broad-except
-    raise OptionsError(f"--bucket {bucket!r} is not writable: {e}") from e
+    bucket_name = bucket[len("gs://"):].split("/")[0] if bucket.startswith(
+        "gs://") else None
+    raise OptionsError(f"--bucket {bucket!r} is not writable: " + (
+        explain_forbidden(e, bucket=bucket_name) if bucket_name else str(e))
+                       ) from e
 
 
 def build(p: beam.Pipeline, config: RunConfig, run_id: str) -> None:
@@ -89,14 +97,24 @@ def build(p: beam.Pipeline, config: RunConfig, run_id: str) -> None:
       header_checked.flagged) | "AllFlagged" >> beam.Flatten()
   grouped = {"images": header_checked.kept, "flagged": flagged_images} | (
       "GroupStudies" >> GroupStudies(config.collection, config.item_id))
-  written = grouped["studies"] | "WriteStudyArchive" >> WriteStudyArchive(
-      config.bucket, config.compression_level)
+  current = p | "ReadCurrentRows" >> ReadCurrentRows(
+      config.bigquery_table, config.metadata_output, config.overwrite)
+  written = {"studies": grouped["studies"], "current": current} | (
+      "WriteStudyArchive" >> WriteStudyArchive(
+          config.bucket, config.compression_level, config.overwrite))
   rows = written.stored | "BuildRows" >> BuildRows(
       config.collection, run_id, __version__)
   checked = rows | "CheckRows" >> CheckRows()
-  checked.valid | "WriteRows" >> WriteRowsLocal(config.metadata_output)
-  checked.dead_letter | "WriteDeadLetter" >> WriteJsonLines(
-      config.dead_letter, "dead_letter")
+  if config.metadata_output:
+    checked.valid | "WriteRowsLocal" >> WriteRowsLocal(
+        config.metadata_output, run_id)
+  refused = []
+  if config.bigquery_table:
+    refused = [checked.valid | "WriteRowsBigQuery" >> WriteRowsBigQuery(
+        config.bigquery_table, config.bigquery_method)]
+  dead = [checked.dead_letter, *refused] | "AllDeadLetters" >> beam.Flatten()
+  dead | "WriteDeadLetter" >> WriteJsonLines(config.dead_letter,
+                                            f"dead_letter-{run_id}")
 
   excluded = [found[EXCLUDED], path_checked[EXCLUDED], read[EXCLUDED],
               header_checked[EXCLUDED], grouped[EXCLUDED], written[EXCLUDED]]
@@ -108,8 +126,10 @@ def build(p: beam.Pipeline, config: RunConfig, run_id: str) -> None:
       "files": found.files,
       "excluded": excluded | "AllExcluded" >> beam.Flatten(),
       "stored": written.stored,
+      "skipped": written.skipped,
       "rows": checked.valid,
-      "dead_letter": checked.dead_letter,
+      "refused": refused[0] if refused else p | "NoneRefused" >> beam.Create([]),
+      "dead_letter": dead,
   } | "WriteRunReport" >> WriteRunReport(
       config.report, run_id, __version__, config.collection)
 
@@ -129,7 +149,20 @@ def run(argv: Optional[List[str]] = None) -> dict:
     check_input_roots(config.input_roots)
   except InputError as e:
     raise OptionsError(str(e)) from e
+  try:
+    check_cloud_access(config.bucket, config.bigquery_table)
+  except AccessError as e:
+    raise OptionsError(str(e)) from e
   check_destination(config.bucket, run_id)
+  if config.bigquery_table:
+    try:
+      ensure_dataset_and_view(config.bigquery_table)
+    except Exception as e:  # pylint: disable=broad-except
+      raise OptionsError(
+          f"BigQuery {config.bigquery_table} is not reachable: "
+          f"{explain_forbidden(e, table=config.bigquery_table)}") from e
+  # Workers apply the emulator wiring too (no-op in production).
+  options = PipelineOptions(argv + worker_plugin_args())
   p = beam.Pipeline(runner=local_runner(options, argv), options=options)
   build(p, config, run_id)
   result = p.run()
@@ -141,6 +174,7 @@ def run(argv: Optional[List[str]] = None) -> dict:
   report["report_path"] = config.report
   report["metadata_output"] = config.metadata_output
   report["bucket"] = config.bucket
+  report["bigquery_table"] = config.bigquery_table
   with FileSystems.create(config.report) as f:
     f.write(json.dumps(report, indent=1, sort_keys=True).encode("utf-8"))
   return report
@@ -158,8 +192,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     return 2
   print(format_summary(report))
   print(f"  objects under {report['bucket']}/Collection/{report['collection']}/")
-  print(f"  rows in {report['metadata_output']}/rows.json; "
-        f"report {report['report_path']}")
+  if report["metadata_output"]:
+    print(f"  rows in {report['metadata_output']}/rows-{report['run_id']}.json")
+  if report.get("bigquery_table"):
+    print(f"  rows in BigQuery {report['bigquery_table']} "
+          f"(current rows: view {report['bigquery_table']}_current)")
+  print(f"  report {report['report_path']}")
   if report["summary"]["failed"]:
     print(f"error: {report['summary']['failed']} files could not be stored; "
           "see 'failed' in the report", file=sys.stderr)

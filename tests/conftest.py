@@ -33,9 +33,12 @@ def run_pipeline(input_root: Path, out: Path, *extra: str,
   return run(argv)
 
 
-def read_rows(metadata_dir: Path) -> List[dict]:
-  path = metadata_dir / "rows.json"
-  return [json.loads(line) for line in path.read_text().splitlines() if line]
+def read_rows(metadata_dir: Path, run_id: str = "") -> List[dict]:
+  """Rows of one run (by its id), or of all runs in the folder."""
+  rows = []
+  for path in sorted(metadata_dir.glob(f"rows-{run_id or '*'}.json")):
+    rows += [json.loads(line) for line in path.read_text().splitlines() if line]
+  return rows
 
 
 @pytest.fixture(scope="session")
@@ -44,4 +47,4 @@ def sample_run(sample, tmp_path_factory):
   root, made = sample
   out = tmp_path_factory.mktemp("sample_run")
   report = run_pipeline(root, out)
-  return out, report, read_rows(out / "metadata")
+  return out, report, read_rows(out / "metadata", report["run_id"])

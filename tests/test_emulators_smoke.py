@@ -93,7 +93,7 @@ def emu() -> Iterator[Dict[str, str]]:
     mp.setenv("HTTPS_PROXY", "http://127.0.0.1:9")
     mp.setenv("HTTP_PROXY", "http://127.0.0.1:9")
     mp.setenv("NO_PROXY", "127.0.0.1,localhost")
-    mp.setenv("NO_GCE_CHECK", "true")
+    mp.setenv("NO_GCE_CHECK", "true")  # workers: no GCE metadata probe
     # Multi-process workers import transforms.bigquery_emulator (a plugin).
     mp.setenv("PYTHONPATH", os.pathsep.join(
         [str(REPO)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))

@@ -21,6 +21,8 @@ import datetime
 import hashlib
 import json
 import logging
+import os
+import signal
 import struct
 import tarfile
 import zlib
@@ -28,16 +30,21 @@ from typing import BinaryIO, Callable, Iterable, List, Optional, Tuple
 
 import apache_beam as beam
 import google_crc32c
+from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 from isal import isal_zlib
 
 from transforms.dicom import open_source
+from transforms.gcs import (split_gs_uri, storage_client,
+                            stored_object_location)
 from transforms.keys import join_uri
+from transforms.retrieve import RetrievalError, read_range, unpack_member
 from transforms.records import (FAILED, Excluded, MemberLocation,
                                 ObjectLocation, StoredStudy, Study)
 
 EXCLUDED_TAG = "excluded"
+SKIPPED_TAG = "skipped"
 MANIFEST_NAME = "manifest.json"
 DEFAULT_COMPRESSION_LEVEL = 2   # isal levels are 0..3
 _CHUNK = 4 << 20
@@ -189,28 +196,148 @@ def write_study_archive(study: Study, out: BinaryIO,
         sop_instance_uid=image.sop_instance_uid, member=name,
         size_bytes=image.source.size_bytes, sha256=sha256,
         member_offset=offset, member_length=length))
+    crash_point("archive_member")
   manifest_at = writer.add_bytes(f"{study.archive_root}/{MANIFEST_NAME}",
                                  manifest_bytes(study, members))
   writer.close(*manifest_at)
   return members, writer.sink
 
 
-def utc_now() -> str:
-  return datetime.datetime.now(datetime.timezone.utc).isoformat(
-      timespec="microseconds").replace("+00:00", "Z")
+def object_size(uri: str, gcs_client=None) -> Optional[int]:
+  """Size of a stored object, or None when there is none."""
+  if gcs_client is not None:
+    bucket, name = split_gs_uri(uri)
+    blob = gcs_client.bucket(bucket).get_blob(name)
+    return None if blob is None else blob.size
+  found = FileSystems.match([uri])[0].metadata_list
+  return found[0].size_in_bytes if found else None
+
+
+def read_manifest(uri: str, gcs_client=None) -> Optional[dict]:
+  """The manifest of a stored object from two small ranged reads (the tail,
+  then the manifest member), or None when there is no readable one."""
+  size = object_size(uri, gcs_client)
+  if not size:
+    return None
+  try:
+    tail_at = max(0, size - INDEX_TAIL_BYTES)
+    tail = read_range(uri, tail_at, size - tail_at, gcs_client)
+    offset, length = find_manifest(tail)
+    _, data = unpack_member(read_range(uri, offset, length, gcs_client))
+    return json.loads(data)
+  except (RetrievalError, ValueError) as e:
+    logging.warning("%s has no readable manifest (%s): it will be rewritten",
+                    uri, e)
+    return None
+
+
+def utc_timestamp(seconds: float) -> str:
+  return datetime.datetime.fromtimestamp(
+      seconds, datetime.timezone.utc).isoformat(
+          timespec="microseconds").replace("+00:00", "Z")
+
+
+def manifest_matches(manifest: dict, study: Study) -> bool:
+  """The cheap check: the stored object holds exactly these images (same
+  member names, SOP instances and sizes), judged from its manifest alone."""
+  stored = [(m["member"], m["sop_instance_uid"], m["size_bytes"])
+            for m in manifest.get("members", [])]
+  wanted = [(study.member_name(i), i.sop_instance_uid, i.source.size_bytes)
+            for i in study.images]
+  return stored == wanted
+
+
+def members_from_manifest(manifest: dict) -> Tuple[MemberLocation, ...]:
+  return tuple(MemberLocation(
+      sop_instance_uid=m["sop_instance_uid"], member=m["member"],
+      size_bytes=m["size_bytes"], sha256=m["sha256"],
+      member_offset=m["member_offset"], member_length=m["member_length"])
+               for m in manifest["members"])
+
+
+def rows_are_current(current: List[tuple], members: Tuple[MemberLocation, ...]
+                     ) -> bool:
+  """The current rows describe exactly these members of this object."""
+  return sorted((c[0], c[1], c[2]) for c in current) == sorted(
+      (m.sop_instance_uid, m.sha256, m.member_offset) for m in members)
+
+
+def crash_point(name: str) -> None:
+  """Test hook: DICOM_STORAGE_CRASH_AT=<name>:<n> kills this process with
+  SIGKILL the n-th time it passes <name>, to prove re-runs recover from a
+  run killed at that point. Inert unless the variable is set."""
+  spec = os.environ.get("DICOM_STORAGE_CRASH_AT", "")
+  if not spec.startswith(name + ":"):
+    return
+  crash_point.hits = getattr(crash_point, "hits", 0) + 1
+  if crash_point.hits >= int(spec.split(":", 1)[1]):
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 class _WriteStudyArchive(beam.DoFn):
-  def __init__(self, bucket: str, level: int):
+  """Writes a study's object unless it is already stored; yields what rows
+  need (StoredStudy), or the skipped study on the 'skipped' output."""
+
+  def __init__(self, bucket: str, level: int, overwrite: bool):
     self.bucket = bucket
     self.level = level
+    self.overwrite = overwrite
+    self.gcs = None
     self.objects = Metrics.counter("archive", "objects_written")
+    self.skipped = Metrics.counter("archive", "studies_skipped")
+    self.rows_only = Metrics.counter("archive", "studies_rows_rewritten")
     self.bytes = Metrics.counter("archive", "object_bytes_written")
     self.source_bytes = Metrics.counter("archive", "source_bytes_read")
     self.failed = Metrics.counter("archive", "studies_failed")
 
-  def process(self, study: Study) -> Iterable:
+  def setup(self):
+    if self.bucket.startswith("gs://"):
+      self.gcs = storage_client()
+
+  def process(self, keyed) -> Iterable:
+    _, grouped = keyed
+    current = list(grouped["current"])
+    for study in grouped["studies"]:
+      try:
+        yield from self._store(study, current)
+      except Exception as e:  # pylint: disable=broad-except
+        self.failed.inc()
+        logging.error("Study %s (%s) failed: %s", study.study_instance_uid,
+                      study.object_key, e)
+        for image in study.images:
+          yield beam.pvalue.TaggedOutput(EXCLUDED_TAG, Excluded(
+              image.source.path, study.entity_id, FAILED,
+              f"study object {study.object_key} could not be written: "
+              f"{type(e).__name__}: {e}"))
+
+  def _store(self, study: Study, current: List[tuple]) -> Iterable:
     uri = join_uri(self.bucket, study.object_key)
+    manifest = None if self.overwrite else read_manifest(uri, self.gcs)
+    if manifest is not None and manifest_matches(manifest, study):
+      members = members_from_manifest(manifest)
+      if current and rows_are_current(current, members):
+        self.skipped.inc()
+        _, _, _, md5, size, written_at = current[0]
+        yield beam.pvalue.TaggedOutput(SKIPPED_TAG, StoredStudy(
+            study, ObjectLocation(uri, self.bucket, study.object_key, size,
+                                  md5, "", written_at), members))
+        return
+      # Stored, but its rows are missing (a run ended between the object and
+      # its rows): write the rows for the object as it is.
+      self.rows_only.inc()
+      yield StoredStudy(study, self._existing_location(uri, study), members)
+      return
+    members, sink = self._write(uri, study)
+    location = self._written_location(uri, study, sink)
+    crash_point("object_written")
+    self.objects.inc()
+    self.bytes.inc(sink.size)
+    self.source_bytes.inc(sum(m.size_bytes for m in members))
+    logging.info("Stored %s (%d images, %d bytes)", uri, len(members),
+                 sink.size)
+    yield StoredStudy(study=study, location=location, members=tuple(members))
+
+  def _write(self, uri: str, study: Study):
     # Cloud Storage makes an object visible only when its upload completes;
     # elsewhere write beside it and rename, so no partial object ever shows
     # under the key schema.
@@ -218,35 +345,58 @@ class _WriteStudyArchive(beam.DoFn):
     tmp = uri if atomic else uri + ".partial"
     created = False
     try:
-      with FileSystems.create(tmp) as out:
+      # UNCOMPRESSED: by default FileSystems would gzip a .gz path again.
+      with FileSystems.create(
+          tmp, compression_type=CompressionTypes.UNCOMPRESSED) as out:
         created = True
         members, sink = write_study_archive(study, out, self.level)
       if not atomic:
         FileSystems.rename([tmp], [uri])
-    except Exception as e:  # pylint: disable=broad-except
-      self.failed.inc()
-      logging.error("Study %s (%s) failed: %s", study.study_instance_uid,
-                    uri, e)
+      return members, sink
+    except Exception:
       if created:
         _delete_quietly(tmp)
-      for image in study.images:
-        yield beam.pvalue.TaggedOutput(EXCLUDED_TAG, Excluded(
-            image.source.path, study.entity_id, FAILED,
-            f"study object {study.object_key} could not be written: "
-            f"{type(e).__name__}: {e}"))
-      return
-    self.objects.inc()
-    self.bytes.inc(sink.size)
-    self.source_bytes.inc(sum(m.size_bytes for m in members))
-    logging.info("Stored %s (%d images, %d bytes)", uri, len(members),
-                 sink.size)
-    yield StoredStudy(
-        study=study,
-        location=ObjectLocation(
-            uri=uri, bucket=self.bucket, object_name=study.object_key,
-            size_bytes=sink.size, md5_hash=sink.md5_base64(),
-            crc32c=sink.crc32c_base64(), written_at=utc_now()),
-        members=tuple(members))
+      raise
+
+  def _written_location(self, uri: str, study: Study, sink) -> ObjectLocation:
+    """Facts of the object just written, as the store reports them."""
+    if self.gcs is not None:
+      loc = stored_object_location(self.gcs, uri, self.bucket,
+                                   study.object_key)
+      if (loc.md5_hash, loc.size_bytes) != (sink.md5_base64(), sink.size):
+        _delete_quietly(uri)
+        raise IOError(f"{uri}: Cloud Storage reports MD5 {loc.md5_hash} and "
+                      f"{loc.size_bytes} bytes, but {sink.md5_base64()} and "
+                      f"{sink.size} bytes were written")
+      return loc
+    meta = FileSystems.match([uri])[0].metadata_list[0]
+    return ObjectLocation(
+        uri=uri, bucket=self.bucket, object_name=study.object_key,
+        size_bytes=sink.size, md5_hash=sink.md5_base64(),
+        crc32c=sink.crc32c_base64(),
+        written_at=utc_timestamp(meta.last_updated_in_seconds))
+
+  def _existing_location(self, uri: str, study: Study) -> ObjectLocation:
+    """Facts of an object already stored (a rare path: rows were missing)."""
+    if self.gcs is not None:
+      return stored_object_location(self.gcs, uri, self.bucket,
+                                    study.object_key)
+    sink = _HashingSink(_Discard())
+    with FileSystems.open(
+        uri, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+      for chunk in iter(lambda: f.read(_CHUNK), b""):
+        sink.write(chunk)
+    meta = FileSystems.match([uri])[0].metadata_list[0]
+    return ObjectLocation(
+        uri=uri, bucket=self.bucket, object_name=study.object_key,
+        size_bytes=sink.size, md5_hash=sink.md5_base64(),
+        crc32c=sink.crc32c_base64(),
+        written_at=utc_timestamp(meta.last_updated_in_seconds))
+
+
+class _Discard:
+  def write(self, data: bytes) -> None:
+    del data
 
 
 def _delete_quietly(path: str) -> None:
@@ -257,15 +407,27 @@ def _delete_quietly(path: str) -> None:
     logging.warning("Could not remove partial object %s", path)
 
 
-class WriteStudyArchive(beam.PTransform):
-  """Study -> StoredStudy (main) and Excluded for failed studies ('excluded')."""
+def _by_study(study: Study):
+  return (study.entity_id, study.study_instance_uid), study
 
-  def __init__(self, bucket: str, level: int = DEFAULT_COMPRESSION_LEVEL):
+
+class WriteStudyArchive(beam.PTransform):
+  """{'studies': Study, 'current': current rows keyed by study} ->
+  StoredStudy (main: rows to write), 'skipped' StoredStudy (already stored
+  with current rows) and Excluded for failed studies ('excluded')."""
+
+  def __init__(self, bucket: str, level: int = DEFAULT_COMPRESSION_LEVEL,
+               overwrite: bool = False):
     super().__init__()
     self.bucket = bucket
     self.level = level
+    self.overwrite = overwrite
 
-  def expand(self, studies):
-    return studies | "WriteArchive" >> beam.ParDo(
-        _WriteStudyArchive(self.bucket, self.level)).with_outputs(
-            EXCLUDED_TAG, main="stored")
+  def expand(self, inputs):
+    return (
+        {"studies": inputs["studies"] | "KeyByStudy" >> beam.Map(_by_study),
+         "current": inputs["current"]}
+        | "WithCurrentRows" >> beam.CoGroupByKey()
+        | "WriteArchive" >> beam.ParDo(_WriteStudyArchive(
+            self.bucket, self.level, self.overwrite)).with_outputs(
+                EXCLUDED_TAG, SKIPPED_TAG, main="stored"))

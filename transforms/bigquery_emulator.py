@@ -108,10 +108,18 @@ def use_emulator_if_configured() -> bool:
     wrapper = bigquery_tools.BigQueryWrapper
     wrapper._bigquery_client = staticmethod(_bigquery_client)  # pylint: disable=protected-access
     bigquery_tools.gcp_bigquery = _GcpBigQueryForEmulator(gcp_bigquery, host)
-    if os.environ.get(STORAGE_EMULATOR_HOST):
-      _settle_beam_credentials_as_anonymous()
+    settle_credentials_if_all_emulated()
     _applied_host = host
   return True
+
+
+def settle_credentials_if_all_emulated() -> None:
+  """With every target emulated and no key file named, Beam's credentials
+  are 'none': looking them up would only retry for ~20 s and probe the GCE
+  metadata server before concluding the same."""
+  if (os.environ.get(STORAGE_EMULATOR_HOST) and emulator_host()
+      and not os.environ.get("GOOGLE_APPLICATION_CREDENTIALS")):
+    _settle_beam_credentials_as_anonymous()
 
 
 def _settle_beam_credentials_as_anonymous() -> None:

@@ -17,7 +17,9 @@ from transforms.records import (FAILED, FLAGGED, REJECTED, Excluded,
 
 
 def study_summary(stored: StoredStudy) -> Dict[str, Any]:
-  """What the report keeps of a stored study: small, no headers."""
+  """What the report keeps of a stored study: small, no headers. The
+  'objects' list holds studies written in this run; skipped ones (already
+  stored) count among 'studies' and their files among 'stored'."""
   return {
       "uri": stored.location.uri,
       "entity_id": stored.study.entity_id,
@@ -32,8 +34,8 @@ def study_summary(stored: StoredStudy) -> Dict[str, Any]:
 
 def build_report(run_id: str, version: str, collection: str,
                  discovered: int, entities: int, excluded: List[Excluded],
-                 studies: List[Dict[str, Any]], rows_written: int,
-                 dead_letters: int) -> Dict[str, Any]:
+                 studies: List[Dict[str, Any]], skipped: List[Dict[str, Any]],
+                 rows_written: int, dead_letters: int) -> Dict[str, Any]:
   by_status = {s: sorted(({"path": e.path, "entity_id": e.entity_id,
                            "reason": e.reason} for e in excluded
                           if e.status == s), key=lambda d: d["path"])
@@ -41,7 +43,8 @@ def build_report(run_id: str, version: str, collection: str,
   studies = sorted(studies, key=lambda s: s["uri"])
   stored_files = sorted(
       ({"path": f["path"], "object": s["uri"], "member": f["member"]}
-       for s in studies for f in s["files"]), key=lambda d: d["path"])
+       for s in studies + skipped for f in s["files"]),
+      key=lambda d: d["path"])
   objects = [{k: s[k] for k in ("uri", "entity_id", "study_instance_uid",
                                 "instances", "size_bytes", "md5_hash")}
              for s in studies]
@@ -52,7 +55,8 @@ def build_report(run_id: str, version: str, collection: str,
       "flagged": len(by_status[FLAGGED]),
       "rejected": len(by_status[REJECTED]),
       "failed": len(by_status[FAILED]),
-      "studies": len(studies),
+      "studies": len(studies) + len(skipped),
+      "studies_skipped": len(skipped),
       "objects": len(objects),
       "object_bytes": sum(o["size_bytes"] for o in objects),
       "rows": rows_written,
@@ -70,7 +74,8 @@ def format_summary(report: Dict[str, Any]) -> str:
       f"  entities {s['entities']}, images seen {s['images_seen']}: "
       f"kept {s['kept']}, flagged {s['flagged']}, rejected {s['rejected']}, "
       f"failed {s['failed']}",
-      f"  studies {s['studies']}, objects {s['objects']}, "
+      f"  studies {s['studies']} ({s['studies_skipped']} already stored, "
+      f"skipped), objects written {s['objects']}, "
       f"{s['object_bytes']:,} bytes; rows {s['rows']}"
       + (f", dead-letter rows {s['dead_letter_rows']}"
          if s["dead_letter_rows"] else ""),
@@ -90,9 +95,10 @@ def read_report(path: str) -> Dict[str, Any]:
 
 
 def _write_report(_, path, run_id, version, collection, discovered, entities,
-                  excluded, studies, rows_written, dead_letters):
+                  excluded, studies, skipped, rows_sent, refused, dead_letters):
   report = build_report(run_id, version, collection, discovered, entities,
-                        excluded, studies, rows_written, dead_letters)
+                        excluded, studies, skipped, rows_sent - refused,
+                        dead_letters)
   with FileSystems.create(path) as f:
     f.write(json.dumps(report, indent=1, sort_keys=True).encode("utf-8"))
   yield path
@@ -116,6 +122,7 @@ class WriteRunReport(beam.PTransform):
     # "seen" holds the path of every listed file, "files" those in entities.
     seen, files, excluded = parts["seen"], parts["files"], parts["excluded"]
     stored, rows, dead = parts["stored"], parts["rows"], parts["dead_letter"]
+    skipped, refused = parts["skipped"], parts["refused"]
     side = beam.pvalue.AsSingleton
     return (
         files.pipeline
@@ -132,5 +139,9 @@ class WriteRunReport(beam.PTransform):
             studies=side(stored
                          | "Summaries" >> beam.Map(study_summary)
                          | "ListStudies" >> beam.combiners.ToList()),
-            rows_written=side(_count(rows, "CountRows")),
+            skipped=side(skipped
+                         | "SkippedSummaries" >> beam.Map(study_summary)
+                         | "ListSkipped" >> beam.combiners.ToList()),
+            rows_sent=side(_count(rows, "CountRows")),
+            refused=side(_count(refused, "CountRefused")),
             dead_letters=side(_count(dead, "CountDeadLetters"))))

@@ -71,21 +71,29 @@ def fetch_member(uri: str, offset: int, length: int,
   return name, content
 
 
-def find_row_in_files(rows: Iterable[str], sop_instance_uid: str
+def find_row_in_files(lines: Iterable[str], sop_instance_uid: str
                       ) -> Optional[Dict[str, Any]]:
-  """The last row for a SOP instance among newline-delimited JSON lines."""
+  """The newest row (by storage.written_at) for a SOP instance among
+  newline-delimited JSON lines."""
   found = None
-  for line in rows:
+  for line in lines:
     if sop_instance_uid in line:
       row = json.loads(line)
-      if row.get("sop_instance_uid") == sop_instance_uid:
+      if row.get("sop_instance_uid") == sop_instance_uid and (
+          found is None or row["storage"]["written_at"] >=
+          found["storage"]["written_at"]):
         found = row
   return found
 
 
 def find_row_in_folder(metadata_dir: str, sop_instance_uid: str
                        ) -> Optional[Dict[str, Any]]:
-  path = metadata_dir.rstrip("/") + "/rows.json"
-  with FileSystems.open(path) as f:
-    return find_row_in_files(
-        (line.decode("utf-8") for line in f), sop_instance_uid)
+  """The current row of one image among all runs' row files in a folder."""
+  from transforms.current import row_files
+
+  def lines():
+    for path in row_files(metadata_dir):
+      with FileSystems.open(path) as f:
+        for line in f:
+          yield line.decode("utf-8")
+  return find_row_in_files(lines(), sop_instance_uid)

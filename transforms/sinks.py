@@ -15,7 +15,7 @@ from transforms.keys import join_uri
 from transforms.schema import row_errors, schema_json
 
 DEAD_LETTER_TAG = "dead_letter"
-ROWS_FILE = "rows"
+ROWS_PREFIX = "rows-"
 SCHEMA_FILE = "schema.json"
 
 
@@ -74,15 +74,22 @@ class WriteJsonLines(beam.PTransform):
 
 
 class WriteRowsLocal(beam.PTransform):
-  """Rows -> DIR/rows.json and DIR/schema.json, for `bq load` later."""
+  """Rows -> DIR/rows-<run id>.json and DIR/schema.json, for `bq load`.
 
-  def __init__(self, directory: str):
+  One file per run, never overwritten: like the BigQuery table, the folder
+  is an append-only record, and a re-run that skips stored studies adds an
+  empty file rather than erasing the rows of earlier runs.
+  """
+
+  def __init__(self, directory: str, run_id: str):
     super().__init__()
     self.directory = directory
+    self.run_id = run_id
 
   def expand(self, rows):
     schema_path = join_uri(self.directory, SCHEMA_FILE)
     _ = (rows.pipeline
          | "SchemaOnce" >> beam.Create([schema_path])
          | "WriteSchema" >> beam.Map(write_text_file, schema_json()))
-    return rows | "WriteRows" >> WriteJsonLines(self.directory, ROWS_FILE)
+    return rows | "WriteRows" >> WriteJsonLines(
+        self.directory, f"{ROWS_PREFIX}{self.run_id}")

@@ -1,0 +1,149 @@
+"""Rows to BigQuery with WriteToBigQuery, and the table's "current" view.
+
+The table `<collection>.dicom` is append-only: every time a study object is
+written, its rows are appended with storage.written_at set to that object's
+creation time. The view `<table>_current` is what researchers query: for
+each study, only the rows of its newest object; for each image, one row.
+That makes re-runs and retries safe despite BigQuery's best-effort
+streaming de-duplication: a row inserted twice, or rows of a superseded
+object, are never "current". See the README ("Re-runs").
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Dict, Iterable, Optional, Tuple
+
+import apache_beam as beam
+from apache_beam.io.gcp.bigquery_tools import RetryStrategy
+from apache_beam.metrics import Metrics
+
+from transforms import bigquery_emulator
+from transforms.schema import TABLE_SCHEMA
+
+# Month partitions by study date (a day per partition would pass BigQuery's
+# partition limit over decades of studies); clustered for the lookups
+# researchers make: one entity, one study, one modality.
+TABLE_PARAMETERS = {
+    "timePartitioning": {"type": "MONTH", "field": "StudyDate"},
+    "clustering": {"fields": ["entity_id", "study_instance_uid", "Modality"]},
+}
+CURRENT_VIEW_SUFFIX = "_current"
+
+
+def split_table(table: str) -> Tuple[str, str, str]:
+  """'PROJECT:DATASET.TABLE' -> (project, dataset, table)."""
+  project, _, rest = table.partition(":")
+  dataset, _, name = rest.partition(".")
+  return project, dataset, name
+
+
+def sql_table(table: str, suffix: str = "") -> str:
+  project, dataset, name = split_table(table)
+  return f"`{project}.{dataset}.{name}{suffix}`"
+
+
+def bigquery_client(project: str):
+  """google-cloud-bigquery client; anonymous against an emulator."""
+  from google.cloud import bigquery
+  if bigquery_emulator.emulator_host():
+    from google.api_core.client_options import ClientOptions
+    from google.auth.credentials import AnonymousCredentials
+    return bigquery.Client(
+        project=project, credentials=AnonymousCredentials(),
+        client_options=ClientOptions(
+            api_endpoint=bigquery_emulator.emulator_host()))
+  return bigquery.Client(project=project)
+
+
+def current_view_sql(table: str) -> str:
+  """Rows of each study's newest object, one per image."""
+  return f"""
+SELECT * EXCEPT (_newest, _copy) FROM (
+  SELECT *,
+    MAX(storage.written_at) OVER (
+        PARTITION BY entity_id, study_instance_uid) AS _newest,
+    ROW_NUMBER() OVER (
+        PARTITION BY entity_id, study_instance_uid, sop_instance_uid,
+                     storage.written_at
+        ORDER BY run_id) AS _copy
+  FROM {sql_table(table)})
+WHERE storage.written_at = _newest AND _copy = 1"""
+
+
+def ensure_dataset_and_view(table: str) -> None:
+  """Creates the dataset when missing (Beam creates tables, not datasets),
+  the table from the one schema, and the current view."""
+  from google.cloud import bigquery
+  project, dataset, name = split_table(table)
+  client = bigquery_client(project)
+  client.create_dataset(bigquery.Dataset(f"{project}.{dataset}"),
+                        exists_ok=True)
+  t = bigquery.Table(f"{project}.{dataset}.{name}",
+                     schema=[bigquery.SchemaField.from_api_repr(f)
+                             for f in TABLE_SCHEMA["fields"]])
+  t.time_partitioning = bigquery.TimePartitioning(
+      type_=TABLE_PARAMETERS["timePartitioning"]["type"],
+      field=TABLE_PARAMETERS["timePartitioning"]["field"])
+  t.clustering_fields = TABLE_PARAMETERS["clustering"]["fields"]
+  client.create_table(t, exists_ok=True)
+  view = bigquery.Table(f"{project}.{dataset}.{name}{CURRENT_VIEW_SUFFIX}")
+  view.view_query = current_view_sql(table)
+  client.create_table(view, exists_ok=True)
+
+
+def query_rows(table: str, sql: str, params: Dict[str, Any]) -> Iterable[dict]:
+  from google.cloud import bigquery
+  project = split_table(table)[0]
+  config = bigquery.QueryJobConfig(query_parameters=[
+      bigquery.ScalarQueryParameter(k, "STRING", v) for k, v in params.items()])
+  for row in bigquery_client(project).query(sql, job_config=config).result():
+    yield dict(row.items())
+
+
+def find_row_in_table(table: str, sop_instance_uid: str) -> Optional[dict]:
+  """The current row of one image (for python -m pipeline.fetch)."""
+  rows = list(query_rows(table, f"""
+      SELECT storage.uri AS uri, storage.member_offset AS member_offset,
+             storage.member_length AS member_length,
+             storage.member_sha256 AS member_sha256
+      FROM {sql_table(table, CURRENT_VIEW_SUFFIX)}
+      WHERE sop_instance_uid = @sop
+      ORDER BY storage.written_at DESC LIMIT 1""", {"sop": sop_instance_uid}))
+  return {"storage": rows[0]} if rows else None
+
+
+def _dead_letter(failed) -> Dict[str, Any]:
+  _, row, errors = failed
+  return {"stage": "bigquery insert",
+          "error": json.dumps(errors, default=str),
+          "sop_instance_uid": row.get("sop_instance_uid"), "row": row}
+
+
+class WriteRowsBigQuery(beam.PTransform):
+  """Rows -> BigQuery; returns the rows BigQuery refused, as dead letters.
+
+  Streaming inserts retry transient errors only (RETRY_ON_TRANSIENT_ERROR):
+  a row refused for good is returned, never retried forever, never dropped.
+  """
+
+  def __init__(self, table: str, method: str = "STREAMING_INSERTS"):
+    super().__init__()
+    self.table = table
+    self.method = method
+
+  def expand(self, rows):
+    result = rows | "WriteToBigQuery" >> beam.io.WriteToBigQuery(
+        table=self.table,
+        schema=TABLE_SCHEMA,
+        create_disposition=beam.io.BigQueryDisposition.CREATE_IF_NEEDED,
+        write_disposition=beam.io.BigQueryDisposition.WRITE_APPEND,
+        method=self.method,
+        insert_retry_strategy=RetryStrategy.RETRY_ON_TRANSIENT_ERROR,
+        additional_bq_parameters=TABLE_PARAMETERS)
+    if self.method == "STREAMING_INSERTS":
+      return (result.failed_rows_with_errors
+              | "RefusedRows" >> beam.Map(_dead_letter))
+    # Load jobs succeed or fail whole (and fail the run); rows were checked
+    # against the schema before, so none is refused row by row.
+    return rows.pipeline | "NoRefusedRows" >> beam.Create([])
