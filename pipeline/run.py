@@ -27,9 +27,11 @@ from pipeline.options import (OptionsError, RunConfig, StorageOptions,
 from transforms.access import AccessError, check_cloud_access, explain_forbidden
 from transforms.archive import WriteStudyArchive
 from transforms.bigquery import WriteRowsBigQuery, ensure_dataset_and_view
-from transforms.bigquery_emulator import worker_plugin_args
+from transforms.bigquery_emulator import (use_emulator_if_configured,
+                                          worker_plugin_args)
 from transforms.current import ReadCurrentRows
 from transforms.dicom import ReadHeaders
+from transforms.gcs import blob_for, storage_client
 from transforms.discover import (DiscoverEntityFiles, InputError,
                                  check_input_roots)
 from transforms.keys import join_uri
@@ -68,12 +70,18 @@ def local_runner(options: PipelineOptions, argv: List[str]):
 
 
 def check_destination(bucket: str, run_id: str) -> None:
-  """Fails fast when the bucket cannot take an object."""
+  """Fails fast when the bucket cannot take an object (a probe is written
+  and deleted, outside the key schema)."""
   probe = join_uri(bucket, f".write-probe-{run_id}")
   try:
-    with FileSystems.create(probe) as f:
-      f.write(b"probe")
-    FileSystems.delete([probe])
+    if bucket.startswith("gs://"):
+      blob = blob_for(storage_client(), probe)
+      blob.upload_from_string(b"probe")
+      blob.delete()
+    else:
+      with FileSystems.create(probe) as f:
+        f.write(b"probe")
+      FileSystems.delete([probe])
   except Exception as e:  # pylint: disable=broad-except
     bucket_name = bucket[len("gs://"):].split("/")[0] if bucket.startswith(
         "gs://") else None
@@ -142,6 +150,7 @@ def _counter(result, name: str) -> int:
 def run(argv: Optional[List[str]] = None) -> dict:
   """Runs the pipeline; returns the run report. Raises OptionsError."""
   argv = list(sys.argv[1:] if argv is None else argv)
+  use_emulator_if_configured()   # no-op unless BIGQUERY_EMULATOR_HOST is set
   options = PipelineOptions(argv)
   run_id = new_run_id()
   config = resolve(options.view_as(StorageOptions), run_id)

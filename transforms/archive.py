@@ -36,7 +36,7 @@ from apache_beam.metrics import Metrics
 from isal import isal_zlib
 
 from transforms.dicom import open_source
-from transforms.gcs import (split_gs_uri, storage_client,
+from transforms.gcs import (blob_for, split_gs_uri, storage_client,
                             stored_object_location)
 from transforms.keys import join_uri
 from transforms.retrieve import RetrievalError, read_range, unpack_member
@@ -355,7 +355,7 @@ class _WriteStudyArchive(beam.DoFn):
       return members, sink
     except Exception:
       if created:
-        _delete_quietly(tmp)
+        _delete_quietly(tmp, self.gcs)
       raise
 
   def _written_location(self, uri: str, study: Study, sink) -> ObjectLocation:
@@ -364,7 +364,7 @@ class _WriteStudyArchive(beam.DoFn):
       loc = stored_object_location(self.gcs, uri, self.bucket,
                                    study.object_key)
       if (loc.md5_hash, loc.size_bytes) != (sink.md5_base64(), sink.size):
-        _delete_quietly(uri)
+        _delete_quietly(uri, self.gcs)
         raise IOError(f"{uri}: Cloud Storage reports MD5 {loc.md5_hash} and "
                       f"{loc.size_bytes} bytes, but {sink.md5_base64()} and "
                       f"{sink.size} bytes were written")
@@ -399,9 +399,13 @@ class _Discard:
     del data
 
 
-def _delete_quietly(path: str) -> None:
+def _delete_quietly(path: str, gcs_client=None) -> None:
   try:
-    if FileSystems.exists(path):
+    if gcs_client is not None:
+      blob = blob_for(gcs_client, path)
+      if blob.exists():
+        blob.delete()
+    elif FileSystems.exists(path):
       FileSystems.delete([path])
   except Exception:  # pylint: disable=broad-except
     logging.warning("Could not remove partial object %s", path)
