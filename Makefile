@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 SAMPLE := sample/input
 OUT := out
 
-.PHONY: setup run test clean
+.PHONY: setup run run-cloud test clean
 
 setup: $(STAMP)
 
@@ -24,6 +24,9 @@ $(SAMPLE): | $(STAMP)
 run: $(STAMP) $(SAMPLE)
 	$(PY) -m pipeline --input $(SAMPLE) --bucket $(OUT)/bucket \
 	    --collection IRB41449 --metadata_output $(OUT)/metadata
+
+run-cloud: $(STAMP) $(SAMPLE)
+	$(PY) -m devtools.cloud_demo $(SAMPLE)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

@@ -38,7 +38,7 @@ from transforms.keys import join_uri
 from transforms.phi import FlagPhiByHeader, FlagPhiByPath
 from transforms.report import WriteRunReport, format_summary, read_report
 from transforms.rows import BuildRows
-from transforms.sinks import CheckRows, WriteJsonLines, WriteRowsLocal
+from transforms.sinks import CheckRows, WriteDeadLetters, WriteRowsLocal
 from transforms.studies import GroupStudies
 
 EXCLUDED = "excluded"
@@ -121,8 +121,8 @@ def build(p: beam.Pipeline, config: RunConfig, run_id: str) -> None:
     refused = [checked.valid | "WriteRowsBigQuery" >> WriteRowsBigQuery(
         config.bigquery_table, config.bigquery_method)]
   dead = [checked.dead_letter, *refused] | "AllDeadLetters" >> beam.Flatten()
-  dead | "WriteDeadLetter" >> WriteJsonLines(config.dead_letter,
-                                            f"dead_letter-{run_id}")
+  dead | "WriteDeadLetter" >> WriteDeadLetters(
+      join_uri(config.dead_letter, f"dead_letter-{run_id}.json"))
 
   excluded = [found[EXCLUDED], path_checked[EXCLUDED], read[EXCLUDED],
               header_checked[EXCLUDED], grouped[EXCLUDED], written[EXCLUDED]]

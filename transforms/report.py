@@ -74,8 +74,8 @@ def format_summary(report: Dict[str, Any]) -> str:
       f"  entities {s['entities']}, images seen {s['images_seen']}: "
       f"kept {s['kept']}, flagged {s['flagged']}, rejected {s['rejected']}, "
       f"failed {s['failed']}",
-      f"  studies {s['studies']} ({s['studies_skipped']} already stored, "
-      f"skipped), objects written {s['objects']}, "
+      f"  studies {s['studies']} ({s['studies_skipped']} skipped: already "
+      f"stored), objects written {s['objects']}, "
       f"{s['object_bytes']:,} bytes; rows {s['rows']}"
       + (f", dead-letter rows {s['dead_letter_rows']}"
          if s["dead_letter_rows"] else ""),

@@ -73,6 +73,28 @@ class WriteJsonLines(beam.PTransform):
                 num_shards=1, shard_name_template=""))
 
 
+def _write_lines(records, path: str):
+  if records:   # no empty dead-letter files
+    write_text_file(path, "".join(_to_json_line(r) + "\n" for r in sorted(
+        records, key=_to_json_line)))
+    yield path
+
+
+class WriteDeadLetters(beam.PTransform):
+  """Dead-letter records -> one newline-delimited JSON file, written only
+  when there are any. Written whole by one worker (dead letters are few),
+  which also spares object stores a rename/compose step."""
+
+  def __init__(self, path: str):
+    super().__init__()
+    self.path = path
+
+  def expand(self, records):
+    return (records
+            | "Collect" >> beam.combiners.ToList()
+            | "Write" >> beam.FlatMap(_write_lines, self.path))
+
+
 class WriteRowsLocal(beam.PTransform):
   """Rows -> DIR/rows-<run id>.json and DIR/schema.json, for `bq load`.
 
