@@ -36,6 +36,7 @@ class Faults:
   cut: float = 0.0              # connection closed without an answer
   seed: int = 0
   only_methods: tuple = ()      # e.g. ("GET",); empty: every method
+  forbid: str = ""              # requests whose path has this: 403, always
 
 
 class Proxy:
@@ -46,8 +47,10 @@ class Proxy:
     self._random = random.Random(self.faults.seed)
     self._lock = threading.Lock()
 
-  def _fault(self, method: str) -> Optional[str]:
+  def _fault(self, method: str, path: str) -> Optional[str]:
     f = self.faults
+    if f.forbid and f.forbid in path:
+      return "403"
     if f.only_methods and method not in f.only_methods:
       return None
     with self._lock:
@@ -73,22 +76,23 @@ def _handler(proxy: Proxy):
     def _forward(self):
       length = int(self.headers.get("Content-Length") or 0)
       body = self.rfile.read(length) if length else None
-      fault = proxy._fault(self.command)  # pylint: disable=protected-access
+      fault = proxy._fault(self.command, self.path)  # pylint: disable=protected-access
       if fault == "cut":
         proxy.record(Exchange(self.command, self.path,
                               self.headers.get("Range"), 0, 0, "cut"))
         self.close_connection = True
         self.connection.shutdown(2)
         return
-      if fault == "503":
-        payload = b'{"error": {"code": 503, "message": "injected"}}'
-        self.send_response(503)
+      if fault in ("503", "403"):
+        code = int(fault)
+        payload = b'{"error": {"code": %d, "message": "injected"}}' % code
+        self.send_response(code)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(payload)))
         self.end_headers()
         self.wfile.write(payload)
         proxy.record(Exchange(self.command, self.path,
-                              self.headers.get("Range"), 503, 0, "503"))
+                              self.headers.get("Range"), code, 0, fault))
         return
       conn = http.client.HTTPConnection(proxy.upstream.hostname,
                                         proxy.upstream.port, timeout=120)
