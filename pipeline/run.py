@@ -96,12 +96,14 @@ def build(p: beam.Pipeline, config: RunConfig, run_id: str) -> None:
                                                config.entities)
   path_checked = found.files | "FlagPhiByPath" >> FlagPhiByPath(
       config.phi_rules)
-  read = path_checked.kept | "ReadHeaders" >> ReadHeaders()
+  remote = any(r.startswith("gs://") for r in config.input_roots)
+  read = path_checked.kept | "ReadHeaders" >> ReadHeaders(remote)
   header_checked = read.images | "FlagPhiByHeader" >> FlagPhiByHeader(
       config.phi_rules, config.deid_recipe_text)
   # Flagged files' own headers, so that no other copy of them is stored.
   flagged_images = (
-      (path_checked.flagged | "ReadFlaggedHeaders" >> ReadHeaders()).images,
+      (path_checked.flagged | "ReadFlaggedHeaders" >> ReadHeaders(remote)
+      ).images,
       header_checked.flagged) | "AllFlagged" >> beam.Flatten()
   grouped = {"images": header_checked.kept, "flagged": flagged_images} | (
       "GroupStudies" >> GroupStudies(config.collection, config.item_id))
