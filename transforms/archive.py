@@ -54,17 +54,18 @@ _BLOCK = tarfile.BLOCKSIZE
 class _HashingSink:
   """Writes through to a stream, keeping size, MD5 and CRC32C of all bytes."""
 
-  def __init__(self, out: BinaryIO):
+  def __init__(self, out: BinaryIO, md5: bool = True):
     self.out = out
     self.size = 0
-    self.md5 = hashlib.md5()
+    self.md5 = hashlib.md5() if md5 else None
     self.crc32c = google_crc32c.Checksum()
 
   def write(self, data: bytes) -> None:
     if data:
       self.out.write(data)
       self.size += len(data)
-      self.md5.update(data)
+      if self.md5 is not None:
+        self.md5.update(data)
       self.crc32c.update(data)
 
   def md5_base64(self) -> str:
@@ -89,8 +90,9 @@ def tar_header(name: str, size: int) -> bytes:
 class StudyArchiveWriter:
   """Appends gzip members, one per tar entry, to a sink; remembers offsets."""
 
-  def __init__(self, out: BinaryIO, level: int = DEFAULT_COMPRESSION_LEVEL):
-    self.sink = _HashingSink(out)
+  def __init__(self, out: BinaryIO, level: int = DEFAULT_COMPRESSION_LEVEL,
+               md5: bool = True):
+    self.sink = _HashingSink(out, md5)
     self.level = level
 
   def _member(self, chunks: Iterable[bytes]) -> Tuple[int, int]:
@@ -183,9 +185,11 @@ def manifest_bytes(study: Study, members: List[MemberLocation]) -> bytes:
 def write_study_archive(study: Study, out: BinaryIO,
                         level: int = DEFAULT_COMPRESSION_LEVEL,
                         opener: Callable[[str], BinaryIO] = open_source,
+                        md5: bool = True,
                         ) -> Tuple[List[MemberLocation], _HashingSink]:
-  """Streams the study's images and its manifest into out."""
-  writer = StudyArchiveWriter(out, level)
+  """Streams the study's images and its manifest into out (md5=False when
+  the store computes the object's MD5 itself)."""
+  writer = StudyArchiveWriter(out, level, md5)
   members = []
   for image in study.images:
     name = study.member_name(image)
@@ -349,7 +353,8 @@ class _WriteStudyArchive(beam.DoFn):
       with FileSystems.create(
           tmp, compression_type=CompressionTypes.UNCOMPRESSED) as out:
         created = True
-        members, sink = write_study_archive(study, out, self.level)
+        members, sink = write_study_archive(study, out, self.level,
+                                            md5=self.gcs is None)
       if not atomic:
         FileSystems.rename([tmp], [uri])
       return members, sink
@@ -363,18 +368,15 @@ class _WriteStudyArchive(beam.DoFn):
     if self.gcs is not None:
       loc = stored_object_location(self.gcs, uri, self.bucket,
                                    study.object_key)
-      if (loc.md5_hash, loc.size_bytes) != (sink.md5_base64(), sink.size):
+      # CRC32C is what Cloud Storage checks uploads with; it is computed
+      # here at a fraction of MD5's cost (MD5 comes from Cloud Storage).
+      if (loc.crc32c, loc.size_bytes) != (sink.crc32c_base64(), sink.size):
         _delete_quietly(uri, self.gcs)
-        raise IOError(f"{uri}: Cloud Storage reports MD5 {loc.md5_hash} and "
-                      f"{loc.size_bytes} bytes, but {sink.md5_base64()} and "
-                      f"{sink.size} bytes were written")
+        raise IOError(f"{uri}: Cloud Storage reports CRC32C {loc.crc32c} and "
+                      f"{loc.size_bytes} bytes, but {sink.crc32c_base64()} "
+                      f"and {sink.size} bytes were written")
       return loc
-    meta = FileSystems.match([uri])[0].metadata_list[0]
-    return ObjectLocation(
-        uri=uri, bucket=self.bucket, object_name=study.object_key,
-        size_bytes=sink.size, md5_hash=sink.md5_base64(),
-        crc32c=sink.crc32c_base64(),
-        written_at=utc_timestamp(meta.last_updated_in_seconds))
+    return self._local_location(uri, study, sink)
 
   def _existing_location(self, uri: str, study: Study) -> ObjectLocation:
     """Facts of an object already stored (a rare path: rows were missing)."""
@@ -386,6 +388,10 @@ class _WriteStudyArchive(beam.DoFn):
         uri, compression_type=CompressionTypes.UNCOMPRESSED) as f:
       for chunk in iter(lambda: f.read(_CHUNK), b""):
         sink.write(chunk)
+    return self._local_location(uri, study, sink)
+
+  def _local_location(self, uri: str, study: Study, sink) -> ObjectLocation:
+    # The file's own modification time marks this version of the object.
     meta = FileSystems.match([uri])[0].metadata_list[0]
     return ObjectLocation(
         uri=uri, bucket=self.bucket, object_name=study.object_key,
