@@ -11,7 +11,7 @@ from typing import List, Optional
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from transforms import discover, phi, studies
+from transforms import dicom, discover, phi, studies
 from transforms.archive import DEFAULT_COMPRESSION_LEVEL
 from transforms.keys import (UnsafeKeyComponent, check_collection,
                              check_key_component, join_uri)
@@ -169,9 +169,12 @@ def resolve(opts: StorageOptions, run_id: str) -> RunConfig:
     roots = [_absolute(r) for r in discover.split_input_roots(opts.input)]
     rules = [r.strip() for r in opts.phi_rules.split(",") if r.strip()]
     phi.check_rule_names(rules)
-    studies.keyword_tag(opts.item_id)
   except ValueError as e:
     raise OptionsError(str(e)) from e
+  try:
+    dicom.keyword_tag(opts.item_id)
+  except ValueError as e:
+    raise OptionsError(f"--item_id: {e}") from e
   if not 0 <= opts.compression_level <= 3:
     raise OptionsError("--compression_level must be 0, 1, 2 or 3")
   recipe_text = None

@@ -97,16 +97,17 @@ def build(p: beam.Pipeline, config: RunConfig, run_id: str) -> None:
   path_checked = found.files | "FlagPhiByPath" >> FlagPhiByPath(
       config.phi_rules)
   remote = any(r.startswith("gs://") for r in config.input_roots)
-  read = path_checked.kept | "ReadHeaders" >> ReadHeaders(remote)
+  read = path_checked.kept | "ReadHeaders" >> ReadHeaders(remote,
+                                                         config.item_id)
   header_checked = read.images | "FlagPhiByHeader" >> FlagPhiByHeader(
       config.phi_rules, config.deid_recipe_text)
   # Flagged files' own headers, so that no other copy of them is stored.
   flagged_images = (
-      (path_checked.flagged | "ReadFlaggedHeaders" >> ReadHeaders(remote)
-      ).images,
+      (path_checked.flagged | "ReadFlaggedHeaders" >> ReadHeaders(
+          remote, config.item_id)).images,
       header_checked.flagged) | "AllFlagged" >> beam.Flatten()
   grouped = {"images": header_checked.kept, "flagged": flagged_images} | (
-      "GroupStudies" >> GroupStudies(config.collection, config.item_id))
+      "GroupStudies" >> GroupStudies(config.collection))
   current = p | "ReadCurrentRows" >> ReadCurrentRows(
       config.bigquery_table, config.metadata_output, config.overwrite)
   written = {"studies": grouped["studies"], "current": current} | (

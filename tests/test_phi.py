@@ -3,7 +3,8 @@ from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 from transforms.phi import FlagPhiByHeader, FlagPhiByPath
-from transforms.records import FLAGGED, ImageRecord, SourceFile
+from transforms.dicom import image_record
+from transforms.records import FLAGGED, SourceFile
 
 
 def _src(relpath):
@@ -11,8 +12,11 @@ def _src(relpath):
 
 
 def _img(relpath, burned):
-  header = {} if burned is None else {"00280301": {"vr": "CS", "Value": [burned]}}
-  return ImageRecord(_src(relpath), "1", "2", relpath, header)
+  header = {"0020000D": {"vr": "UI", "Value": ["1"]},
+            "00080018": {"vr": "UI", "Value": [relpath]}}
+  if burned is not None:
+    header["00280301"] = {"vr": "CS", "Value": [burned]}
+  return image_record(_src(relpath), header)
 
 
 def test_phi_folder_at_any_depth_is_flagged():
@@ -54,8 +58,7 @@ def _ct_image(**attrs):
   ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"), stop_before_pixels=True)
   for k, v in attrs.items():
     setattr(ds, k, v)
-  return ImageRecord(_src(f"{ds.Modality}.dcm"), "1", "2",
-                     str(attrs), header_to_json(ds))
+  return image_record(_src(f"{ds.Modality}.dcm"), header_to_json(ds))
 
 
 def test_deid_rule_with_its_default_recipe():

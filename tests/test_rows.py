@@ -4,7 +4,8 @@ from apache_beam import Create
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from transforms.records import (ImageRecord, MemberLocation, ObjectLocation,
+from transforms.dicom import image_record
+from transforms.records import (MemberLocation, ObjectLocation,
                                 SourceFile, StoredStudy, Study)
 from transforms.rows import BuildRows, dicom_columns
 from transforms.schema import TABLE_SCHEMA, row_errors, schema_json
@@ -21,8 +22,11 @@ def _stored():
       "00280030": {"vr": "DS", "Value": [0.5, 0.5]},
       "00100010": {"vr": "PN", "Value": [{"Alphabetic": "SUBJ^ONE"}]},
   }
-  image = ImageRecord(SourceFile("/in/E1/a.dcm", "E1", "a.dcm", 10), "1.1",
-                      "1.1.1", "1.1.1.1", header, "1.2.840.10008.1.2.1")
+  header.update({"0020000D": {"vr": "UI", "Value": ["1.1"]},
+                 "0020000E": {"vr": "UI", "Value": ["1.1.1"]},
+                 "00080018": {"vr": "UI", "Value": ["1.1.1.1"]}})
+  image = image_record(SourceFile("/in/E1/a.dcm", "E1", "a.dcm", 10), header,
+                       "1.2.840.10008.1.2.1")
   study = Study("E1", "1.1", "00000000", "A1",
                 "Collection/C/Entity/E1/E1_00000000_A1.tar.gz", (image,))
   loc = ObjectLocation("/b/" + study.object_key, "/b", study.object_key, 99,
@@ -32,7 +36,7 @@ def _stored():
 
 
 def test_typed_columns_are_null_where_values_do_not_fit():
-  cols = dicom_columns(_stored().study.images[0].header)
+  cols = _stored().study.images[0].columns
   assert cols["StudyDate"] is None and cols["SliceThickness"] is None
   assert cols["Modality"] == "CT" and cols["Rows"] == 512
   assert cols["ImageType"] == ["ORIGINAL", "PRIMARY"]

@@ -2,16 +2,20 @@ from apache_beam import Create, Map
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from transforms.records import REJECTED, ImageRecord, SourceFile
+from transforms.dicom import image_record
+from transforms.records import REJECTED, SourceFile
 from transforms.studies import GroupStudies
 
 
 def _img(entity, relpath, study, sop, accession=None, date="20200102"):
-  header = {"00080020": {"vr": "DA", "Value": [date]}}
+  header = {"00080020": {"vr": "DA", "Value": [date]},
+            "0020000D": {"vr": "UI", "Value": [study]},
+            "0020000E": {"vr": "UI", "Value": [study + ".9"]},
+            "00080018": {"vr": "UI", "Value": [sop]}}
   if accession is not None:
     header["00080050"] = {"vr": "SH", "Value": [accession]}
-  return ImageRecord(SourceFile(f"/in/{entity}/{relpath}", entity, relpath, 1),
-                     study, study + ".9", sop, header)
+  return image_record(
+      SourceFile(f"/in/{entity}/{relpath}", entity, relpath, 1), header)
 
 
 def test_images_group_into_studies_with_their_object_keys():

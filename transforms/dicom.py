@@ -17,10 +17,12 @@ import pydicom
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
+from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
 from transforms.records import REJECTED, Excluded, ImageRecord, SourceFile
+from transforms.rows import dicom_columns
 
 EXCLUDED_TAG = "excluded"
 # Binary values larger than this are bulk data: left out of the header JSON.
@@ -60,7 +62,52 @@ def _raw_text(raw_value: Any) -> str:
 
 
 def header_to_json(ds: Dataset) -> Dict[str, Dict[str, Any]]:
-  """The dataset's elements in the DICOM JSON model, keyed by 'GGGGEEEE'."""
+  """The dataset's elements in the DICOM JSON model, keyed by 'GGGGEEEE'.
+
+  pydicom's own Dataset.to_json_dict() does the work; bulk values are then
+  dropped. Only when that fails, or yields a value JSON cannot carry (NaN),
+  is the header rebuilt element by element, keeping bad values as raw text.
+  """
+  return header_and_text(ds)[0]
+
+
+def header_and_text(ds: Dataset) -> Tuple[Dict[str, Dict[str, Any]], str]:
+  """header_to_json's result, and that serialized (done once, here)."""
+  try:
+    header = ds.to_json_dict(bulk_data_threshold=BULK_DATA_THRESHOLD,
+                             bulk_data_element_handler=_bulk_marker)
+    _drop_bulk(header)
+    return header, _serialize(header)
+  except Exception:  # pylint: disable=broad-except
+    header = header_to_json_by_element(ds)
+    return header, _serialize(header)
+
+
+def _serialize(header: Dict[str, Any]) -> str:
+  return json.dumps(header, sort_keys=True, ensure_ascii=False,
+                    allow_nan=False)
+
+
+_BULK = "bulk data left out"
+
+
+def _bulk_marker(_elem) -> str:
+  return _BULK
+
+
+def _drop_bulk(header: Dict[str, Any]) -> None:
+  for key in [k for k, v in header.items()
+              if k == "7FE00010" or v.get("BulkDataURI") == _BULK]:
+    del header[key]
+  for value in header.values():
+    if value.get("vr") == "SQ":
+      for item in value.get("Value", ()):
+        _drop_bulk(item)
+
+
+def header_to_json_by_element(ds: Dataset) -> Dict[str, Dict[str, Any]]:
+  """Element by element: one malformed value is kept as raw text (flagged
+  "InvalidValue") instead of losing the whole header."""
   out: Dict[str, Dict[str, Any]] = {}
   for tag in sorted(ds.keys()):
     key = f"{int(tag):08X}"
@@ -78,7 +125,8 @@ def header_to_json(ds: Dataset) -> Dict[str, Dict[str, Any]]:
       continue
     if vr == "SQ":
       out[key] = {"vr": "SQ",
-                  "Value": [header_to_json(item) for item in elem.value]}
+                  "Value": [header_to_json_by_element(item)
+                            for item in elem.value]}
       continue
     try:
       converted = elem.to_json_dict(
@@ -132,44 +180,78 @@ def _parse(fileobj) -> Tuple[Dataset, bool]:
     raise ValueError(f"not a DICOM file: {not_dicom}") from not_dicom
 
 
-def read_image_record(source: SourceFile, fileobj) -> ImageRecord:
-  """Parses one file's header. Raises ValueError with a reason on bad input."""
-  if source.size_bytes == 0:
-    raise ValueError("empty file (0 bytes)")
-  ds, part10 = _parse(fileobj)
-  try:
-    header = header_to_json(ds)
-  except Exception as e:  # pylint: disable=broad-except
-    raise ValueError(f"DICOM header cannot be read: "
-                     f"{type(e).__name__}: {e}") from e
+def keyword_tag(keyword: str) -> str:
+  """'AccessionNumber' -> '00080050', the key of the header JSON."""
+  tag = tag_for_keyword(keyword)
+  if tag is None:
+    raise ValueError(f"{keyword!r} is not a DICOM keyword")
+  return f"{tag:08X}"
+
+
+def _text(value: Any) -> Optional[str]:
+  if isinstance(value, dict):  # person names are {"Alphabetic": ...}
+    value = value.get("Alphabetic")
+  text = None if value is None else str(value).strip()
+  return text or None
+
+
+_BURNED_IN_ANNOTATION = "00280301"
+
+
+def image_record(source: SourceFile, header: Dict[str, Any],
+                 transfer_syntax_uid: Optional[str] = None,
+                 item_tag: str = "00080050", uids_must_look_valid: bool = False,
+                 header_json: Optional[str] = None) -> ImageRecord:
+  """An ImageRecord from a header in the DICOM JSON model (and its text,
+  when already serialized). Raises ValueError when a UID the pipeline needs
+  is missing."""
   uids = {}
   for name, tag in (("StudyInstanceUID", _STUDY_UID),
                     ("SeriesInstanceUID", _SERIES_UID),
                     ("SOPInstanceUID", _SOP_UID)):
-    value = first_value(header, tag)
-    value = str(value).strip() if value is not None else ""
+    value = _text(first_value(header, tag)) or ""
     if not value and name != "SeriesInstanceUID":
       raise ValueError("not a DICOM file: no 'DICM' preamble, and no UIDs "
-                       "when read without one" if not part10
+                       "when read without one" if uids_must_look_valid
                        else f"header lacks {name}")
-    if not part10 and value and not _UID.match(value):
+    if uids_must_look_valid and value and not _UID.match(value):
       raise ValueError(f"not a DICOM file: no 'DICM' preamble, and {name} "
                        f"{value!r:.40} is not a UID")
     uids[name] = value
-  meta = getattr(ds, "file_meta", None)
-  ts = meta.get("TransferSyntaxUID") if meta is not None else None
+  burned = header.get(_BURNED_IN_ANNOTATION, {}).get("Value") or [None]
   return ImageRecord(
       source=source,
       study_instance_uid=uids["StudyInstanceUID"],
       series_instance_uid=uids["SeriesInstanceUID"],
       sop_instance_uid=uids["SOPInstanceUID"],
-      header=header,
-      transfer_syntax_uid=str(ts) if ts else None)
+      columns=dicom_columns(header),
+      header_json=header_json or _serialize(header),
+      transfer_syntax_uid=transfer_syntax_uid,
+      item_value=_text(first_value(header, item_tag)),
+      burned_in_annotation=_text(burned[0]))
+
+
+def read_image_record(source: SourceFile, fileobj,
+                      item_tag: str = "00080050") -> ImageRecord:
+  """Parses one file's header. Raises ValueError with a reason on bad input."""
+  if source.size_bytes == 0:
+    raise ValueError("empty file (0 bytes)")
+  ds, part10 = _parse(fileobj)
+  try:
+    header, text = header_and_text(ds)
+  except Exception as e:  # pylint: disable=broad-except
+    raise ValueError(f"DICOM header cannot be read: "
+                     f"{type(e).__name__}: {e}") from e
+  meta = getattr(ds, "file_meta", None)
+  ts = meta.get("TransferSyntaxUID") if meta is not None else None
+  return image_record(source, header, str(ts) if ts else None, item_tag,
+                      uids_must_look_valid=not part10, header_json=text)
 
 
 class _ReadHeader(beam.DoFn):
-  def __init__(self, remote: bool = False):
+  def __init__(self, remote: bool = False, item_tag: str = "00080050"):
     self.remote = remote
+    self.item_tag = item_tag
     self.gcsio = None
     self.read = Metrics.counter("dicom", "headers_read")
     self.rejected = Metrics.counter("dicom", "files_rejected")
@@ -184,7 +266,7 @@ class _ReadHeader(beam.DoFn):
     try:
       with open_source(source.path, self.gcsio) as f:
         try:
-          record = read_image_record(source, f)
+          record = read_image_record(source, f, self.item_tag)
         finally:
           self.bytes_read.inc(f.tell())
     except Exception as e:  # pylint: disable=broad-except
@@ -202,12 +284,15 @@ class ReadHeaders(beam.PTransform):
   """SourceFile -> ImageRecord (main) and Excluded for bad files ('excluded').
 
   remote: some input is on gs://, read headers there in small ranges.
+  item_keyword: the keyword whose value names a study's object.
   """
 
-  def __init__(self, remote: bool = False):
+  def __init__(self, remote: bool = False, item_keyword: str = "AccessionNumber"):
     super().__init__()
     self.remote = remote
+    self.item_tag = keyword_tag(item_keyword)
 
   def expand(self, files):
     return files | "ReadHeader" >> beam.ParDo(
-        _ReadHeader(self.remote)).with_outputs(EXCLUDED_TAG, main="images")
+        _ReadHeader(self.remote, self.item_tag)).with_outputs(
+            EXCLUDED_TAG, main="images")

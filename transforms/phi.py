@@ -8,6 +8,7 @@ deid package's detector with its default or a given recipe).
 """
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from typing import Iterable, Optional, Sequence
@@ -15,13 +16,11 @@ from typing import Iterable, Optional, Sequence
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
-from transforms.dicom import first_value
 from transforms.records import FLAGGED, Excluded, ImageRecord, SourceFile
 
 EXCLUDED_TAG = "excluded"
 FLAGGED_TAG = "flagged"   # the flagged elements themselves, for GroupStudies
 PHI_FOLDER = "PHI"
-_BURNED_IN_ANNOTATION = "00280301"
 
 
 class PhiFolderRule:
@@ -40,8 +39,8 @@ class BurnedInAnnotationRule:
   name = "header"
 
   def check(self, image: ImageRecord) -> Optional[str]:
-    value = first_value(image.header, _BURNED_IN_ANNOTATION)
-    if value is not None and str(value).strip().upper() == "YES":
+    value = image.burned_in_annotation
+    if value is not None and value.strip().upper() == "YES":
       return "header BurnedInAnnotation is YES"
     return None
 
@@ -78,7 +77,8 @@ class DeidRecipeRule:
     # The header's DICOM JSON, minus values kept only as raw text; deid takes
     # a FileDataset as already read.
     ds = FileDataset("", Dataset.from_json(
-        {k: v for k, v in image.header.items() if not v.get("InvalidValue")}),
+        {k: v for k, v in json.loads(image.header_json).items()
+         if not v.get("InvalidValue")}),
         file_meta=FileMetaDataset(), preamble=None)
     result = has_burned_pixels(ds, deid=self._recipe)
     if not result["flagged"]:

@@ -34,13 +34,17 @@ class Excluded:
 
 @dataclasses.dataclass(frozen=True)
 class ImageRecord:
-  """A readable DICOM image and its header (DICOM JSON model, no bulk data)."""
+  """A readable DICOM image: identifiers, the few values later steps use,
+  and its whole header, serialized once (cheap to pickle and group)."""
   source: SourceFile
   study_instance_uid: str
   series_instance_uid: str
   sop_instance_uid: str
-  header: dict       # Dataset.to_json_dict() shape, keyed by tag "GGGGEEEE"
+  columns: dict               # typed DICOM columns of the row (schema.py)
+  header_json: str            # DICOM JSON model, keyed by tag, no bulk data
   transfer_syntax_uid: Optional[str] = None
+  item_value: Optional[str] = None           # value of the --item_id keyword
+  burned_in_annotation: Optional[str] = None  # as written, even if invalid
 
 
 @dataclasses.dataclass(frozen=True)

@@ -6,7 +6,6 @@ as written, in `metadata`.
 from __future__ import annotations
 
 import datetime
-import json
 import math
 from typing import Any, Dict, Iterable, List, Optional
 
@@ -90,9 +89,8 @@ def build_row(collection: str, stored: StoredStudy, image: ImageRecord,
       "source_path": image.source.relpath,
       "TransferSyntaxUID": image.transfer_syntax_uid,
   }
-  row.update(dicom_columns(image.header))
-  row["metadata"] = json.dumps(image.header, sort_keys=True,
-                               ensure_ascii=False, allow_nan=False)
+  row.update(image.columns)
+  row["metadata"] = image.header_json
   row["storage"] = {
       "uri": loc.uri, "bucket": loc.bucket, "object": loc.object_name,
       "member": member.member, "member_offset": member.member_offset,

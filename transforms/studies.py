@@ -14,9 +14,6 @@ from typing import Dict, Iterable, List, Tuple
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
-from pydicom.datadict import tag_for_keyword
-
-from transforms.dicom import first_value
 from transforms.keys import (UnsafeKeyComponent, check_key_component,
                              study_date_component, study_object_key,
                              study_object_name, uid_short_id)
@@ -25,34 +22,25 @@ from transforms.records import (FLAGGED, REJECTED, Excluded, ImageRecord,
 
 EXCLUDED_TAG = "excluded"
 DEFAULT_ITEM_KEYWORD = "AccessionNumber"
-_STUDY_DATE = "00080020"
 
 
-def keyword_tag(keyword: str) -> str:
-  tag = tag_for_keyword(keyword)
-  if tag is None:
-    raise ValueError(f"--item_id {keyword!r} is not a DICOM keyword")
-  return f"{tag:08X}"
-
-
-def _text(value) -> str:
-  if isinstance(value, dict):  # person names are {"Alphabetic": ...}
-    value = value.get("Alphabetic", "")
-  return "" if value is None else str(value).strip()
-
-
-def item_id_for(images: List[ImageRecord], item_tag: str, study_uid: str) -> str:
-  """The study's item id: the item keyword's value, else a UID-derived id."""
+def item_id_for(images: List[ImageRecord], study_uid: str) -> str:
+  """The study's item id: the item keyword's value (from the first image
+  that has one), else a UID-derived id."""
   for image in images:
-    value = _text(first_value(image.header, item_tag))
-    if value:
-      return value
+    if image.item_value:
+      return image.item_value
   return "uid" + uid_short_id(study_uid)
 
 
+def study_date_of(image: ImageRecord) -> str:
+  """YYYYMMDD from the typed StudyDate column, or the placeholder."""
+  iso = image.columns.get("StudyDate")
+  return study_date_component(iso.replace("-", "") if iso else None)
+
+
 def build_study(collection: str, entity_id: str, study_uid: str,
-                images: Iterable[ImageRecord], item_tag: str,
-                ) -> Tuple[Study, List[Excluded]]:
+                images: Iterable[ImageRecord]) -> Tuple[Study, List[Excluded]]:
   """One study from its images; duplicates of a SOP instance are reported.
 
   Of several files with the same SOPInstanceUID, the one with the smallest
@@ -71,9 +59,8 @@ def build_study(collection: str, entity_id: str, study_uid: str,
       continue
     seen[image.sop_instance_uid] = image
     kept.append(image)
-  study_date = study_date_component(_text(first_value(kept[0].header,
-                                                      _STUDY_DATE)))
-  item_id = item_id_for(kept, item_tag, study_uid)
+  study_date = study_date_of(kept[0])
+  item_id = item_id_for(kept, study_uid)
   study = Study(entity_id=entity_id, study_instance_uid=study_uid,
                 study_date=study_date, item_id=item_id,
                 object_key=study_object_key(collection, entity_id, study_date,
@@ -113,9 +100,8 @@ def drop_flagged_copies(images: List[ImageRecord], flagged: Dict[str, str]
 
 
 class _BuildStudy(beam.DoFn):
-  def __init__(self, collection: str, item_tag: str):
+  def __init__(self, collection: str):
     self.collection = collection
-    self.item_tag = item_tag
     self.duplicates = Metrics.counter("studies", "duplicate_instances")
 
   def process(self, keyed) -> Iterable:
@@ -128,7 +114,7 @@ class _BuildStudy(beam.DoFn):
       return
     try:
       study, duplicates = build_study(self.collection, entity_id, study_uid,
-                                      images, self.item_tag)
+                                      images)
     except UnsafeKeyComponent as e:
       for image in images:
         yield beam.pvalue.TaggedOutput(EXCLUDED_TAG, Excluded(
@@ -168,10 +154,9 @@ class GroupStudies(beam.PTransform):
   """{'images': kept ImageRecords, 'flagged': flagged ImageRecords} ->
   {'studies': Study, 'excluded': Excluded}."""
 
-  def __init__(self, collection: str, item_keyword: str = DEFAULT_ITEM_KEYWORD):
+  def __init__(self, collection: str):
     super().__init__()
     self.collection = collection
-    self.item_tag = keyword_tag(item_keyword)
 
   def expand(self, inputs):
     built = (
@@ -180,7 +165,7 @@ class GroupStudies(beam.PTransform):
                     | "KeyFlaggedByStudy" >> beam.Map(_flagged_by_study)}
         | "GroupByStudy" >> beam.CoGroupByKey()
         | "BuildStudy" >> beam.ParDo(
-            _BuildStudy(self.collection, self.item_tag)).with_outputs(
+            _BuildStudy(self.collection)).with_outputs(
                 EXCLUDED_TAG, main="studies"))
     studies = (
         built.studies
