@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 SAMPLE := sample/input
 OUT := out
 
-.PHONY: setup run run-cloud test clean
+.PHONY: setup run run-cloud test bench bench-memory clean
 
 setup: $(STAMP)
 
@@ -27,6 +27,14 @@ run: $(STAMP) $(SAMPLE)
 
 run-cloud: $(STAMP) $(SAMPLE)
 	$(PY) -m devtools.cloud_demo $(SAMPLE)
+
+bench: $(STAMP)
+	bench/setup.sh
+	$(PY) bench/run_bench.py
+
+bench-memory: $(STAMP)
+	bench/setup.sh
+	$(PY) bench/run_bench.py --memory
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

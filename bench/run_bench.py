@@ -1,0 +1,508 @@
+"""Time the pipeline against tar/gzip baselines on the same real-DICOM corpus.
+
+Run it with the pipeline's own interpreter (/work/main/.venv/bin/python): the
+pipeline is started as `sys.executable -m pipeline ...` so both use one venv.
+The corpora are built by corpus.py in the bench venv (it needs pydicom-data),
+which this script calls; a cached corpus is reused.
+
+Each method runs as one whole process tree (pipeline, `tar czf`, `tar | pigz`,
+python `tarfile`) after the corpus has been read once so that every method
+starts with a warm page cache. Measured per run:
+  wall       monotonic seconds from start to exit of the root process
+  tree RSS   peak of the summed RSS of every process in the run's session or
+             below its root, sampled from /proc every --interval seconds.
+             /usr/bin/time -v is not enough: its "Maximum resident set size"
+             is getrusage's, the largest single process, so a Beam run with
+             worker processes (or tar | gzip) is under-reported. That number is
+             kept too ("max proc RSS", from wait4), plus the summed PSS, which
+             counts pages shared between forked workers once (read only at
+             new RSS peaks and every 5th sample: it costs ~16 ms of CPU per
+             GB, taken from the run).
+  cpu        user+sys seconds of the tree: wait4 of the root (reaped children),
+             or the sum sampled from /proc if larger (children never reaped)
+  other cpu  CPU seconds the rest of the machine used meanwhile (/proc/stat
+             busy time minus the run's own): on a 2-core machine anything
+             else running (a test suite, another benchmark) skews the result,
+             so a run where it exceeds 10% of wall time is flagged "noisy"
+All sizes are decimal: MB = 10**6 bytes, GB = 10**9 bytes.
+
+Results are printed and merged into bench/results.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+import zlib
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+try:  # faster decompression for the ratio check; stdlib zlib otherwise
+    from isal import isal_zlib as dzlib
+except ImportError:  # pragma: no cover
+    dzlib = zlib  # type: ignore[misc]
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO_DIR = BENCH_DIR.parent
+WORK_DIR = BENCH_DIR / ".work"
+RESULTS = BENCH_DIR / "results.json"
+METHODS = ("pipeline", "tar-gzip", "tar-pigz", "py-tarfile")
+MB = 10**6
+PAGE = os.sysconf("SC_PAGE_SIZE")
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PSS_EVERY = 5  # read PSS on new RSS peaks and every 5th sample: it costs CPU the run competes for
+RSS_GOAL = 1.5e9  # memory mode: peak tree RSS should stay under this, flat
+
+
+@dataclass
+class Measurement:
+    """One timed process tree."""
+
+    cmd: str
+    rc: int | None = None
+    wall_s: float = 0.0
+    cpu_s: float = 0.0
+    peak_tree_rss: int = 0
+    peak_tree_pss: int = 0
+    max_proc_rss: int = 0
+    samples: int = 0
+    timed_out: bool = False
+    other_cpu_s: float = 0.0
+    harness_cpu_s: float = 0.0
+    log: str = ""
+
+
+def _proc_table() -> dict[int, tuple[int, int, int, float]]:
+    """pid -> (ppid, session, rss bytes, cpu s) for every process in /proc."""
+    table = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+        except OSError:
+            continue  # exited meanwhile
+        cpu = (int(fields[11]) + int(fields[12])) / CLK_TCK  # own utime + stime
+        table[int(name)] = (int(fields[1]), int(fields[3]), int(fields[21]) * PAGE, cpu)
+    return table
+
+
+def busy_cpu_s() -> float:
+    """Machine-wide non-idle CPU seconds since boot, from /proc/stat."""
+    with open("/proc/stat") as f:
+        ticks = [int(x) for x in f.readline().split()[1:]]
+    idle = ticks[3] + ticks[4]  # idle + iowait; guest time is already in user
+    return (sum(ticks[:8]) - idle) / CLK_TCK
+
+
+def wait_idle(limit: float) -> None:
+    """Wait (up to `limit` s) for a 2 s window where the machine is <10% busy."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        before = busy_cpu_s()
+        time.sleep(2)
+        if busy_cpu_s() - before < 0.2:
+            return
+    if limit > 0:
+        print("(machine still busy; running anyway)", end=" ", flush=True)
+
+
+def _pss(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def tree_sample(root: int, pss: bool) -> tuple[int, int, dict[int, float]]:
+    """Summed RSS and PSS (0 unless `pss`), and CPU s by pid, of the session
+    `root` leads plus root's descendants (also those that left the session).
+    RSS is cheap (/proc/PID/stat); PSS walks page tables (~16 ms per GB)."""
+    table = _proc_table()
+    members = {pid for pid, (_, sid, _, _) in table.items() if sid == root}
+    changed = True
+    while changed:
+        new = {pid for pid, (ppid, _, _, _) in table.items()
+               if ppid in members | {root} and pid not in members}
+        members |= new
+        changed = bool(new)
+    members.add(root)
+    members &= table.keys()
+    return (sum(table[p][2] for p in members), sum(_pss(p) for p in members) if pss else 0,
+            {p: table[p][3] for p in members})
+
+
+def measure(cmd: list[str], cwd: Path, log: Path, timeout: float, interval: float) -> Measurement:
+    """Run `cmd` in its own session; sample tree memory until it exits."""
+    m = Measurement(cmd=shlex.join(cmd), log=str(log))
+    log.parent.mkdir(parents=True, exist_ok=True)
+    stop = threading.Event()
+    with open(log, "wb") as out:
+        busy_before = busy_cpu_s()
+        start = time.monotonic()
+        proc = subprocess.Popen(cmd, cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+
+        seen_cpu: dict[int, float] = {}  # last CPU s seen per pid: counts workers never reaped
+
+        def sample() -> None:
+            while not stop.is_set():
+                rss, pss, cpu = tree_sample(proc.pid, pss=m.samples % PSS_EVERY == 0)
+                if rss > m.peak_tree_rss and not pss:  # a new RSS peak: get its PSS too
+                    rss, pss, cpu = tree_sample(proc.pid, pss=True)
+                seen_cpu.update(cpu)
+                m.peak_tree_rss, m.peak_tree_pss = max(m.peak_tree_rss, rss), max(m.peak_tree_pss, pss)
+                m.samples += 1
+                if time.monotonic() - start > timeout and not m.timed_out:
+                    m.timed_out = True
+                    os.killpg(proc.pid, signal.SIGKILL)
+                stop.wait(interval)
+            m.harness_cpu_s = time.thread_time()  # this thread's own cost
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        _, status, usage = os.wait4(proc.pid, 0)
+        m.wall_s = time.monotonic() - start
+        stop.set()
+        sampler.join()
+        busy = busy_cpu_s() - busy_before
+        proc.returncode = m.rc = os.waitstatus_to_exitcode(status)
+    try:  # reap anything the run left behind in its own process group
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    m.cpu_s = max(usage.ru_utime + usage.ru_stime, sum(seen_cpu.values()))
+    m.max_proc_rss = usage.ru_maxrss * 1024
+    m.other_cpu_s = max(0.0, busy - m.cpu_s - m.harness_cpu_s)
+    return m
+
+
+@dataclass
+class Corpus:
+    label: str
+    root: Path
+    manifest: dict[str, Any]
+
+    @property
+    def input(self) -> Path:
+        return self.root / self.manifest["input_dir"]
+
+    def warm(self) -> None:
+        """Read every file once so each method starts with a warm page cache."""
+        for study in self.manifest["studies"]:
+            for rel in study["files"]:
+                with open(self.input / rel, "rb") as f:
+                    while f.read(1 << 20):
+                        pass
+
+
+def get_corpus(name: str, scale: float, python: str) -> Corpus:
+    """Build (or reuse) a corpus with corpus.py in the bench venv."""
+    out = subprocess.run([python, str(BENCH_DIR / "corpus.py"), name, "--scale", str(scale)],
+                         check=True, stdout=subprocess.PIPE, text=True).stdout
+    root = Path(out.strip().splitlines()[-1])
+    return Corpus(root.name, root, json.loads((root / "manifest.json").read_text()))
+
+
+StudyJob = tuple[Path, list[str], Path | None]  # archive, relative files, file list
+
+
+def study_jobs(corpus: Corpus, out: Path, lists: Path | None = None) -> list[StudyJob]:
+    """(archive path, relative files, file-list path) per study, lists written."""
+    jobs = []
+    for i, st in enumerate(corpus.manifest["studies"]):
+        lst = None
+        if lists is not None:
+            lists.mkdir(parents=True, exist_ok=True)
+            lst = lists / f"{i:04d}.txt"
+            lst.write_text("".join(f + "\n" for f in st["files"]))
+        jobs.append((out / st["entity"] / f"{st['entity']}_{i:04d}.tar.gz", st["files"], lst))
+    return jobs
+
+
+def method_command(method: str, corpus: Corpus, out: Path, work: Path) -> list[str]:
+    """The command for one method; baselines get their per-study scripts here."""
+    if method == "pipeline":
+        return [sys.executable, "-m", "pipeline", "--input", str(corpus.input),
+                "--bucket", str(out / "bucket"), "--collection", "BENCH",
+                "--metadata_output", str(out / "rows"), "--report", str(out / "report.json")]
+    if method == "py-tarfile":
+        jobs = {"input": str(corpus.input),
+                "studies": [{"out": str(a), "files": f} for a, f, _ in study_jobs(corpus, out)]}
+        (work / "jobs.json").write_text(json.dumps(jobs))
+        return [sys.executable, str(BENCH_DIR / "baseline_tarfile.py"), str(work / "jobs.json")]
+    src = shlex.quote(str(corpus.input))
+    lines = ["set -euo pipefail"]
+    for archive, _, lst in study_jobs(corpus, out, work / "lists"):
+        a, files = shlex.quote(str(archive)), shlex.quote(str(lst))
+        lines.append(f"mkdir -p {shlex.quote(str(archive.parent))}")
+        if method == "tar-gzip":
+            lines.append(f"tar czf {a} -C {src} -T {files}")
+        else:
+            lines.append(f"tar -cf - -C {src} -T {files} | pigz -6 -p 2 > {a}")
+    (work / "run.sh").write_text("\n".join(lines) + "\n")
+    return ["bash", str(work / "run.sh")]
+
+
+def analyze_archive(path: str) -> dict[str, int]:
+    """Split a multi-member gzip file; recompress each member with zlib level 6.
+
+    Returns the archive size, gzip member count, tar file entries (and how
+    many of them are DICOM: "DICM" at offset 128, whatever their name) and the size
+    gzip -6 gives for the same members (same boundaries), which isolates the
+    compression level from the per-member framing cost. The single-stream
+    comparison is the out/tar-gz column (tar czf is gzip -6 over one stream).
+    """
+    member_size = members = raw = 0
+    open_member = False
+    d, per_member = dzlib.decompressobj(31), zlib.compressobj(6, zlib.DEFLATED, 31)
+    with open(path, "rb") as f:
+        pending = b""
+        while chunk := pending or f.read(1 << 18):
+            pending, open_member = b"", True
+            data = d.decompress(chunk)
+            raw += len(data)
+            member_size += len(per_member.compress(data))
+            if d.eof:
+                members += 1
+                member_size += len(per_member.flush())
+                pending, open_member = d.unused_data, False
+                d, per_member = dzlib.decompressobj(31), zlib.compressobj(6, zlib.DEFLATED, 31)
+    if open_member:
+        raise ValueError(f"{path}: truncated gzip member")
+    entries = dicom = 0
+    with tarfile.open(path, "r:gz") as tar:  # not "r|gz": it stops after one gzip member
+        for ti in tar:
+            if ti.isfile():
+                entries += 1
+                dicom += tar.extractfile(ti).read(132)[128:] == b"DICM"  # type: ignore[union-attr]
+    return {"bytes": os.path.getsize(path), "members": members, "tar_entries": entries,
+            "dicom_entries": dicom,
+            "raw": raw, "gzip6_members": member_size}
+
+
+def archives(out: Path) -> list[Path]:
+    return sorted(out.rglob("*.tar.gz"))
+
+
+def check_pipeline(corpus: Corpus, out: Path, ratio: bool) -> dict[str, Any]:
+    """Does the output match the manifest? Plus report fields and gzip ratios."""
+    found = archives(out / "bucket")
+    expected: dict[str, int] = {}
+    for st in corpus.manifest["studies"]:
+        expected[st["entity"]] = expected.get(st["entity"], 0) + 1
+    got: dict[str, int] = {}
+    for a in found:
+        got[a.parent.name] = got.get(a.parent.name, 0) + 1
+    problems = []
+    if got != expected:
+        problems.append(f"archives per entity {got} != studies per entity {expected}")
+    bad_place = [str(a) for a in found if a.parent.parent != out / "bucket/Collection/BENCH/Entity"]
+    if bad_place:
+        problems.append(f"{len(bad_place)} archives outside Collection/BENCH/Entity/<entity>/")
+    checks: dict[str, Any] = {"archives": len(found), "expected_archives": len(corpus.manifest["studies"])}
+    report_path = out / "report.json"
+    report = json.loads(report_path.read_text()) if report_path.exists() else {}
+    if not report:
+        problems.append("no report written")
+    objects = report.get("objects", [])
+    checks["instances_reported"] = sum(o.get("instances", 0) for o in objects)
+    if objects and checks["instances_reported"] != corpus.manifest["files"]:
+        problems.append(f"report counts {checks['instances_reported']} instances, "
+                        f"corpus has {corpus.manifest['files']}")
+    read = report.get("summary", {}).get("input_bytes_read")
+    checks["input_bytes_read"] = read
+    checks["read_vs_input"] = read / corpus.manifest["bytes"] if isinstance(read, (int, float)) else None
+    rows = (out / "rows").glob("rows*")  # NDJSON rows; not schema.json or dead letters
+    checks["metadata_rows"] = sum(sum(1 for _ in open(p, "rb")) for p in rows if p.is_file())
+    if ratio and found:
+        with ProcessPoolExecutor(2) as pool:
+            stats = list(pool.map(analyze_archive, map(str, found)))
+        total = {k: sum(s[k] for s in stats) for k in stats[0]}
+        checks |= {"gzip_members": total["members"], "tar_entries": total["tar_entries"],
+                   "dicom_entries": total["dicom_entries"],
+                   "vs_gzip6_members": total["bytes"] / total["gzip6_members"]}
+        if total["dicom_entries"] != corpus.manifest["files"]:
+            problems.append(f"archives hold {total['dicom_entries']} DICOM files, "
+                            f"corpus has {corpus.manifest['files']}")
+    checks["problems"] = problems
+    return checks
+
+
+def run_method(method: str, corpus: Corpus, args: argparse.Namespace,
+               ratio: bool = True) -> dict[str, Any]:
+    work = WORK_DIR / corpus.label / method
+    shutil.rmtree(work, ignore_errors=True)
+    out = work / "out"
+    out.mkdir(parents=True)
+    cmd = method_command(method, corpus, out, work)
+    corpus.warm()
+    wait_idle(args.wait_idle)
+    cwd = args.pipeline_dir if method == "pipeline" else work
+    print(f"  {method:<11} ...", end=" ", flush=True)
+    m = measure(cmd, cwd, work / "log.txt", args.timeout, args.interval)
+    noisy = m.other_cpu_s > 0.1 * m.wall_s
+    print(f"rc={m.rc} {m.wall_s:.1f}s" + ("" if m.rc == 0 else f"  (log: {m.log})")
+          + (f"  NOISY: {m.other_cpu_s:.1f} cpu-s used by other processes" if noisy else ""),
+          flush=True)
+    row: dict[str, Any] = asdict(m)
+    row["output_bytes"] = sum(a.stat().st_size for a in archives(out))
+    if method == "pipeline" and m.rc == 0:
+        row["checks"] = check_pipeline(corpus, out, ratio and args.ratio)
+    if not args.keep_outputs:
+        shutil.rmtree(out / "bucket" if method == "pipeline" else out, ignore_errors=True)
+    return row
+
+
+def derive(rows: dict[str, dict[str, Any]], corpus: Corpus) -> None:
+    """Add throughput and relative columns in place."""
+    base = rows.get("tar-gzip", {})
+    pipe = rows.get("pipeline", {})
+    for row in rows.values():
+        ok = row["rc"] == 0
+        row["mb_per_s"] = corpus.manifest["bytes"] / MB / row["wall_s"] if ok else None
+        row["images_per_s"] = corpus.manifest["files"] / row["wall_s"] if ok else None
+        row["output_vs_tar_gzip"] = (row["output_bytes"] / base["output_bytes"]
+                                     if ok and base.get("rc") == 0 else None)
+        row["time_vs_pipeline"] = (row["wall_s"] / pipe["wall_s"]
+                                   if ok and pipe.get("rc") == 0 else None)
+
+
+def fmt(value: Any, spec: str) -> str:
+    """format(), but None prints as a right-aligned "n/a" of the same width."""
+    width = "".join(c for c in spec.split(".")[0] if c.isdigit())
+    return f"{'n/a':>{width or 0}}" if value is None else format(value, spec)
+
+
+def print_table(corpus: Corpus, rows: dict[str, dict[str, Any]]) -> None:
+    man = corpus.manifest
+    print(f"\n{corpus.label}: {man['files']} files, {man['bytes'] / MB:.0f} MB, "
+          f"{len(man['studies'])} studies, {man['entities']} entities")
+    head = ("method", "wall s", "MB/s", "img/s", "out/tar-gz", "tree RSS MB", "PSS MB",
+            "proc RSS MB", "cpu s", "t/t_pipe")
+    print("{:<11} {:>8} {:>7} {:>7} {:>10} {:>11} {:>7} {:>11} {:>7} {:>8}".format(*head))
+    for name, r in rows.items():
+        status = "" if r["rc"] == 0 else f"  FAILED rc={r['rc']}" + (" (timeout)" if r["timed_out"] else "")
+        status += "  noisy" if r["other_cpu_s"] > 0.1 * r["wall_s"] else ""
+        print(f"{name:<11} {r['wall_s']:>8.1f} {fmt(r['mb_per_s'], '>7.1f')} "
+              f"{fmt(r['images_per_s'], '>7.1f')} "
+              f"{fmt(r['output_vs_tar_gzip'], '>10.3f')} {r['peak_tree_rss'] / MB:>11.0f} "
+              f"{r['peak_tree_pss'] / MB:>7.0f} {r['max_proc_rss'] / MB:>11.0f} {r['cpu_s']:>7.1f} "
+              f"{fmt(r['time_vs_pipeline'], '>8.2f')}{status}")
+    checks = rows.get("pipeline", {}).get("checks")
+    if checks:
+        print(f"pipeline: input bytes read / input size = {fmt(checks['read_vs_input'], '.3f')}; "
+              f"archives / gzip -6 of the same members = "
+              f"{fmt(checks.get('vs_gzip6_members'), '.3f')} (target <= 1.05); "
+              f"{checks['archives']}/{checks['expected_archives']} archives, "
+              f"{checks.get('gzip_members', 'n/a')} gzip members, "
+              f"{checks.get('dicom_entries', 'n/a')} DICOM + "
+              f"{checks.get('tar_entries', 0) - checks.get('dicom_entries', 0)} other tar entries, "
+              f"{checks['metadata_rows']} metadata rows")
+        for p in checks["problems"]:
+            print(f"pipeline PROBLEM: {p}")
+
+
+def save(key: str, value: Any) -> None:
+    """Merge one section into results.json, keeping the others."""
+    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    results[key] = value
+    results["machine"] = {"cpus": os.cpu_count(), "python": platform.python_version(),
+                          "platform": platform.platform(), "pipeline_python": sys.executable}
+    RESULTS.write_text(json.dumps(results, indent=1) + "\n")
+
+
+def bench_corpus(name: str, args: argparse.Namespace) -> None:
+    corpus = get_corpus(name, args.scale, args.corpus_python)
+    methods = [m for m in args.methods if m != "tar-pigz" or shutil.which("pigz")]
+    if len(methods) < len(args.methods):
+        print("  tar-pigz skipped: pigz not installed (bench/setup.sh installs it)")
+    print(f"{corpus.label}: {corpus.root}", flush=True)
+    rows = {m: run_method(m, corpus, args) for m in methods}
+    derive(rows, corpus)
+    print_table(corpus, rows)
+    save(name, {"corpus": corpus.label, "scale": args.scale, "files": corpus.manifest["files"],
+                "input_bytes": corpus.manifest["bytes"], "studies": len(corpus.manifest["studies"]),
+                "when": time.strftime("%Y-%m-%dT%H:%M:%S"), "methods": rows})
+
+
+def bench_memory(args: argparse.Namespace) -> None:
+    """Pipeline only, one study of growing size: peak memory should stay flat."""
+    rows = {}
+    for size in args.memory_sizes:
+        corpus = get_corpus(f"mem-{size}", args.scale, args.corpus_python)
+        print(f"{corpus.label}: {corpus.root}", flush=True)
+        row = run_method("pipeline", corpus, args, ratio=False)
+        row |= {"input_bytes": corpus.manifest["bytes"], "files": corpus.manifest["files"]}
+        rows[corpus.label] = row
+    print(f"\nmemory: one study per run; goal: flat peak tree RSS under {RSS_GOAL / MB:.0f} MB")
+    print("{:<14} {:>8} {:>6} {:>8} {:>7} {:>11} {:>7} {:>11}  {}".format(
+        "corpus", "input MB", "files", "wall s", "MB/s", "tree RSS MB", "PSS MB", "proc RSS MB", "status"))
+    for label, r in rows.items():
+        problems = r.get("checks", {}).get("problems", [])
+        status = ("FAILED" if r["rc"] != 0 else "over goal" if r["peak_tree_rss"] > RSS_GOAL
+                  else "output problem" if problems else "ok")
+        status += ", noisy" if r["other_cpu_s"] > 0.1 * r["wall_s"] else ""
+        print(f"{label:<14} {r['input_bytes'] / MB:>8.0f} {r['files']:>6} {r['wall_s']:>8.1f} "
+              f"{r['input_bytes'] / MB / r['wall_s']:>7.1f} {r['peak_tree_rss'] / MB:>11.0f} "
+              f"{r['peak_tree_pss'] / MB:>7.0f} {r['max_proc_rss'] / MB:>11.0f}  {status}")
+        for p in problems:
+            print(f"  PROBLEM: {p}")
+    ok = [r for r in rows.values() if r["rc"] == 0]
+    if len(ok) >= 2:
+        slope = ((ok[-1]["peak_tree_rss"] - ok[0]["peak_tree_rss"])
+                 / (ok[-1]["input_bytes"] - ok[0]["input_bytes"]) * 1000)
+        print(f"growth: {slope:.1f} MB of peak tree RSS per GB of study (flat = ~0)")
+    save("memory", {"scale": args.scale, "when": time.strftime("%Y-%m-%dT%H:%M:%S"), "runs": rows})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--memory", action="store_true", help="memory mode (pipeline only)")
+    parser.add_argument("--scale", type=float, default=1.0, help="corpus size knob, e.g. 0.05")
+    parser.add_argument("--corpora", nargs="+", default=["large", "small-files"],
+                        choices=["large", "small-files"])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--memory-sizes", nargs="+", default=["0.25", "0.5", "1", "2"],
+                        choices=["0.25", "0.5", "1", "2"])
+    parser.add_argument("--pipeline-dir", type=Path, default=REPO_DIR,
+                        help="cwd for `python -m pipeline` (default: the repo)")
+    parser.add_argument("--corpus-python", default=os.environ.get(
+        "BENCH_PYTHON", str(BENCH_DIR / ".venv/bin/python")),
+        help="interpreter with pydicom-data for corpus.py (env BENCH_PYTHON)")
+    parser.add_argument("--timeout", type=float, default=3600, help="seconds per run")
+    parser.add_argument("--wait-idle", type=float, default=0, metavar="S",
+                        help="before each run, wait up to S seconds for an idle machine")
+    parser.add_argument("--interval", type=float, default=0.2, help="memory sampling period, s")
+    parser.add_argument("--no-ratio", dest="ratio", action="store_false",
+                        help="skip the gzip -6 recompression check of the pipeline's archives")
+    parser.add_argument("--keep-outputs", action="store_true", help="keep archives in bench/.work")
+    args = parser.parse_args()
+    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]  # keep progress in order with corpus.py's
+    if not (args.pipeline_dir / "pipeline").exists():
+        print(f"note: no pipeline package in {args.pipeline_dir}", file=sys.stderr)
+    if args.memory:
+        bench_memory(args)
+    else:
+        for name in args.corpora:
+            bench_corpus(name, args)
+
+
+if __name__ == "__main__":
+    main()
