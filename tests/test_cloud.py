@@ -64,6 +64,16 @@ def cloud_run(emulators, sample, tmp_path_factory):
   return report, made
 
 
+def test_the_report_accounts_for_every_input_object(cloud_run):
+  report, _ = cloud_run
+  inputs = sorted(f"gs://pacs-export/{b.name}"
+                  for b in storage_client().list_blobs("pacs-export"))
+  listed = sorted([s["path"] for s in report["stored"]] +
+                  [e["path"] for k in ("flagged", "rejected", "failed")
+                   for e in report[k]])
+  assert listed == inputs
+
+
 def test_objects_and_rows_agree(cloud_run):
   report, made = cloud_run
   assert report["summary"]["kept"] == len(made["kept"])
