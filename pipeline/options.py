@@ -88,7 +88,8 @@ class StorageOptions(PipelineOptions):
              "Default: deid's own 'dicom' recipe.")
     parser.add_argument(
         "--compression_level", type=int, default=DEFAULT_COMPRESSION_LEVEL,
-        help="gzip (ISA-L) level 0-3 for study objects. Default: 2.")
+        help="ISA-L gzip level 0-3 for images of 512 KiB and more (smaller "
+             "ones use zlib-ng level 3). Default: 2.")
     parser.add_argument(
         "--entities_file",
         help="Text file (local or gs://) listing the entity ids to process, "

@@ -1,9 +1,6 @@
-import io
 import json
-import math
 
 import pydicom
-import pytest
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 from apache_beam import Create, Map

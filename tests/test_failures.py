@@ -1,5 +1,4 @@
 """A study that cannot be stored fails alone, visibly, and leaves nothing."""
-from pathlib import Path
 
 from conftest import IN_PROCESS, read_rows
 from invariants import check_run

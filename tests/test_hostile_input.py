@@ -9,7 +9,6 @@ import os
 from pathlib import Path
 
 import pydicom
-import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 from PIL import Image
 from pydicom.data import get_testdata_file

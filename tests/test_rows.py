@@ -7,7 +7,7 @@ from apache_beam.testing.util import assert_that, equal_to
 from transforms.dicom import image_record
 from transforms.records import (MemberLocation, ObjectLocation,
                                 SourceFile, StoredStudy, Study)
-from transforms.rows import BuildRows, dicom_columns
+from transforms.rows import BuildRows
 from transforms.schema import TABLE_SCHEMA, row_errors, schema_json
 from transforms.sinks import CheckRows
 

@@ -11,12 +11,10 @@ object, are never "current". See the README ("Re-runs").
 from __future__ import annotations
 
 import json
-import os
 from typing import Any, Dict, Iterable, Optional, Tuple
 
 import apache_beam as beam
 from apache_beam.io.gcp.bigquery_tools import RetryStrategy
-from apache_beam.metrics import Metrics
 
 from transforms import bigquery_emulator
 from transforms.schema import TABLE_SCHEMA

@@ -7,13 +7,13 @@ its summary when the run ends.
 from __future__ import annotations
 
 import json
-from typing import Any, Dict, Iterable, List
+from typing import Any, Dict, List
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
 from transforms.records import (FAILED, FLAGGED, REJECTED, Excluded,
-                                SourceFile, StoredStudy)
+                                StoredStudy)
 
 
 def study_summary(stored: StoredStudy) -> Dict[str, Any]:

@@ -14,9 +14,9 @@ from typing import Dict, Iterable, List, Tuple
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
-from transforms.keys import (UnsafeKeyComponent, check_key_component,
-                             study_date_component, study_object_key,
-                             study_object_name, uid_short_id)
+
+from transforms.keys import (UnsafeKeyComponent, study_date_component,
+                             study_object_key, study_object_name, uid_short_id)
 from transforms.records import (FLAGGED, REJECTED, Excluded, ImageRecord,
                                 Study)
 
