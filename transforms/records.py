@@ -6,7 +6,7 @@ go through a GroupByKey. The archive writer reads image bytes itself.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional, Tuple
+from typing import Optional, Tuple
 
 # Outcome of one input file in the run report.
 FLAGGED = "flagged"    # PHI rule matched: never written anywhere
@@ -98,8 +98,3 @@ class StoredStudy:
   study: Study
   location: ObjectLocation
   members: Tuple[MemberLocation, ...]   # same order as study.images
-
-
-def as_plain(value: Any) -> Any:
-  """A dataclass as nested dicts/lists, for JSON reports."""
-  return dataclasses.asdict(value)
