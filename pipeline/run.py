@@ -105,13 +105,13 @@ def build(p: beam.Pipeline, config: RunConfig, run_id: str) -> None:
       (path_checked.flagged | "ReadFlaggedHeaders" >> ReadHeaders(
           remote, config.item_id)).images,
       header_checked.flagged) | "AllFlagged" >> beam.Flatten()
-  grouped = {"images": header_checked.kept, "flagged": flagged_images} | (
-      "GroupStudies" >> GroupStudies(config.collection))
   current = p | "ReadCurrentRows" >> ReadCurrentRows(
       config.bigquery_table, config.metadata_output, config.overwrite)
-  written = {"studies": grouped["studies"], "current": current} | (
-      "WriteStudyArchive" >> WriteStudyArchive(
-          config.bucket, config.compression_level, config.overwrite))
+  grouped = {"images": header_checked.kept, "flagged": flagged_images,
+             "current": current} | "GroupStudies" >> GroupStudies(
+                 config.collection)
+  written = grouped["studies"] | "WriteStudyArchive" >> WriteStudyArchive(
+      config.bucket, config.compression_level, config.overwrite)
   rows = written.stored | "BuildRows" >> BuildRows(
       config.collection, run_id, __version__)
   checked = rows | "CheckRows" >> CheckRows()

@@ -316,21 +316,18 @@ class _WriteStudyArchive(beam.DoFn):
     if self.bucket.startswith("gs://"):
       self.gcs = storage_client()
 
-  def process(self, keyed) -> Iterable:
-    _, grouped = keyed
-    current = list(grouped["current"])
-    for study in grouped["studies"]:
-      try:
-        yield from self._store(study, current)
-      except Exception as e:  # pylint: disable=broad-except
-        self.failed.inc()
-        logging.error("Study %s (%s) failed: %s", study.study_instance_uid,
-                      study.object_key, e)
-        for image in study.images:
-          yield beam.pvalue.TaggedOutput(EXCLUDED_TAG, Excluded(
-              image.source.path, study.entity_id, FAILED,
-              f"study object {study.object_key} could not be written: "
-              f"{type(e).__name__}: {e}"))
+  def process(self, study: Study) -> Iterable:
+    try:
+      yield from self._store(study, list(study.current))
+    except Exception as e:  # pylint: disable=broad-except
+      self.failed.inc()
+      logging.error("Study %s (%s) failed: %s", study.study_instance_uid,
+                    study.object_key, e)
+      for image in study.images:
+        yield beam.pvalue.TaggedOutput(EXCLUDED_TAG, Excluded(
+            image.source.path, study.entity_id, FAILED,
+            f"study object {study.object_key} could not be written: "
+            f"{type(e).__name__}: {e}"))
 
   def _store(self, study: Study, current: List[tuple]) -> Iterable:
     uri = join_uri(self.bucket, study.object_key)
@@ -435,14 +432,10 @@ def _delete_quietly(path: str, gcs_client=None) -> None:
     logging.warning("Could not remove partial object %s", path)
 
 
-def _by_study(study: Study):
-  return (study.entity_id, study.study_instance_uid), study
-
-
 class WriteStudyArchive(beam.PTransform):
-  """{'studies': Study, 'current': current rows keyed by study} ->
-  StoredStudy (main: rows to write), 'skipped' StoredStudy (already stored
-  with current rows) and Excluded for failed studies ('excluded')."""
+  """Study -> StoredStudy (main: rows to write), 'skipped' StoredStudy
+  (already stored with current rows) and Excluded for failed studies
+  ('excluded')."""
 
   def __init__(self, bucket: str, level: int = DEFAULT_COMPRESSION_LEVEL,
                overwrite: bool = False):
@@ -451,11 +444,7 @@ class WriteStudyArchive(beam.PTransform):
     self.level = level
     self.overwrite = overwrite
 
-  def expand(self, inputs):
-    return (
-        {"studies": inputs["studies"] | "KeyByStudy" >> beam.Map(_by_study),
-         "current": inputs["current"]}
-        | "WithCurrentRows" >> beam.CoGroupByKey()
-        | "WriteArchive" >> beam.ParDo(_WriteStudyArchive(
-            self.bucket, self.level, self.overwrite)).with_outputs(
-                EXCLUDED_TAG, SKIPPED_TAG, main="stored"))
+  def expand(self, studies):
+    return studies | "WriteArchive" >> beam.ParDo(_WriteStudyArchive(
+        self.bucket, self.level, self.overwrite)).with_outputs(
+            EXCLUDED_TAG, SKIPPED_TAG, main="stored")

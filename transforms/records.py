@@ -56,6 +56,9 @@ class Study:
   item_id: str
   object_key: str            # Collection/<c>/Entity/<e>/<e>_<date>_<item>.tar.gz
   images: Tuple[ImageRecord, ...]   # sorted by member name, unique SOPs
+  # Its current rows before this run (transforms/current.py tuples): what
+  # the archive writer compares with the stored object's manifest.
+  current: Tuple[tuple, ...] = ()
 
   @property
   def archive_root(self) -> str:

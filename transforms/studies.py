@@ -1,11 +1,13 @@
 """Group kept images into studies and give each study its object key.
 
-Two groupings, both over small records only:
-1. by (entity, StudyInstanceUID): one Study per study, duplicate SOP instances
-   resolved, study date and item id chosen;
-2. by (entity, object name): two different studies that would get the same
-   object name are told apart by a suffix derived from their UIDs, so neither
-   overwrites the other and the outcome does not depend on processing order.
+Two groupings, both over small records only (never pixel data):
+1. by (entity, StudyInstanceUID), joined with flagged copies and the study's
+   current rows: one Study per study, duplicate SOP instances resolved,
+   study date and item id chosen;
+2. by (entity, object name), on an index of names only: two different
+   studies that would get the same object name are told apart by a suffix
+   derived from their UIDs, so neither overwrites the other and the outcome
+   does not depend on processing order.
 """
 from __future__ import annotations
 
@@ -69,17 +71,20 @@ def build_study(collection: str, entity_id: str, study_uid: str,
   return study, duplicates
 
 
-def disambiguate(collection: str, studies: List[Study]) -> List[Study]:
-  """Studies sharing one object name each get '-<uid hash>' on the item id."""
-  if len({s.study_instance_uid for s in studies}) <= 1:
-    return studies
-  renamed = []
-  for s in sorted(studies, key=lambda s: s.study_instance_uid):
-    item_id = f"{s.item_id}-{uid_short_id(s.study_instance_uid, 8)}"
-    renamed.append(dataclasses.replace(
-        s, item_id=item_id, object_key=study_object_key(
-            collection, s.entity_id, s.study_date, item_id)))
-  return renamed
+def renames_for(entity_id: str, study_uids: Iterable[str], item_id: str
+                ) -> List[Tuple[Tuple[str, str], str]]:
+  """Studies that would share one object name each get '-<uid hash>' on
+  their item id: ((entity, study uid), new item id) for each of them."""
+  uids = sorted(set(study_uids))
+  if len(uids) <= 1:
+    return []
+  return [((entity_id, uid), f"{item_id}-{uid_short_id(uid, 8)}")
+          for uid in uids]
+
+
+def renamed(collection: str, study: Study, item_id: str) -> Study:
+  return dataclasses.replace(study, item_id=item_id, object_key=study_object_key(
+      collection, study.entity_id, study.study_date, item_id))
 
 
 def drop_flagged_copies(images: List[ImageRecord], flagged: Dict[str, str]
@@ -107,6 +112,7 @@ class _BuildStudy(beam.DoFn):
   def process(self, keyed) -> Iterable:
     (entity_id, study_uid), grouped = keyed
     flagged = dict(sorted(grouped["flagged"]))
+    current = tuple(sorted(grouped["current"]))
     images, dropped = drop_flagged_copies(list(grouped["images"]), flagged)
     for excluded in dropped:
       yield beam.pvalue.TaggedOutput(EXCLUDED_TAG, excluded)
@@ -124,16 +130,18 @@ class _BuildStudy(beam.DoFn):
     for excluded in duplicates:
       self.duplicates.inc()
       yield beam.pvalue.TaggedOutput(EXCLUDED_TAG, excluded)
-    yield study
+    yield dataclasses.replace(study, current=current)
 
 
-class _Disambiguate(beam.DoFn):
-  def __init__(self, collection: str):
-    self.collection = collection
+def _renames(keyed) -> Iterable[Tuple[Tuple[str, str], str]]:
+  (entity_id, _), named = keyed
+  named = list(named)
+  return renames_for(entity_id, (uid for uid, _ in named), named[0][1])
 
-  def process(self, keyed) -> Iterable[Study]:
-    _, studies = keyed
-    yield from disambiguate(self.collection, list(studies))
+
+def _apply_rename(study: Study, collection: str, renames: Dict) -> Study:
+  new_item = renames.get((study.entity_id, study.study_instance_uid))
+  return study if new_item is None else renamed(collection, study, new_item)
 
 
 def _by_study(image: ImageRecord):
@@ -145,31 +153,46 @@ def _flagged_by_study(image: ImageRecord):
           (image.sop_instance_uid, image.source.path))
 
 
-def _by_object_name(study: Study):
-  return (study.entity_id, study_object_name(
-      study.entity_id, study.study_date, study.item_id)), study
+def _name_of(study: Study):
+  """Small: ((entity, object name), (study uid, item id))."""
+  return ((study.entity_id, study_object_name(
+      study.entity_id, study.study_date, study.item_id)),
+          (study.study_instance_uid, study.item_id))
 
 
 class GroupStudies(beam.PTransform):
-  """{'images': kept ImageRecords, 'flagged': flagged ImageRecords} ->
-  {'studies': Study, 'excluded': Excluded}."""
+  """{'images': kept ImageRecords, 'flagged': flagged ImageRecords,
+  'current': current rows keyed by (entity, study uid), optional} ->
+  {'studies': Study, 'excluded': Excluded}.
+
+  The images cross one shuffle only. Name collisions, which are rare, are
+  found on a small (entity, object name) -> study uid index and applied
+  through a side input, so whole studies are not shuffled again.
+  """
 
   def __init__(self, collection: str):
     super().__init__()
     self.collection = collection
 
   def expand(self, inputs):
+    pipeline = inputs["images"].pipeline
+    current = inputs.get("current")
+    if current is None:
+      current = pipeline | "NoCurrentRows" >> beam.Create([])
     built = (
         {"images": inputs["images"] | "KeyByStudy" >> beam.Map(_by_study),
          "flagged": inputs["flagged"]
-                    | "KeyFlaggedByStudy" >> beam.Map(_flagged_by_study)}
+                    | "KeyFlaggedByStudy" >> beam.Map(_flagged_by_study),
+         "current": current}
         | "GroupByStudy" >> beam.CoGroupByKey()
         | "BuildStudy" >> beam.ParDo(
             _BuildStudy(self.collection)).with_outputs(
                 EXCLUDED_TAG, main="studies"))
-    studies = (
+    renames = (
         built.studies
-        | "KeyByObjectName" >> beam.Map(_by_object_name)
+        | "NameOf" >> beam.Map(_name_of)
         | "GroupByObjectName" >> beam.GroupByKey()
-        | "Disambiguate" >> beam.ParDo(_Disambiguate(self.collection)))
+        | "Renames" >> beam.FlatMap(_renames))
+    studies = built.studies | "Disambiguate" >> beam.Map(
+        _apply_rename, self.collection, beam.pvalue.AsDict(renames))
     return {"studies": studies, EXCLUDED_TAG: built[EXCLUDED_TAG]}
