@@ -54,11 +54,11 @@ def test_rules_can_be_switched_off():
 def _ct_image(**attrs):
   import pydicom
   from pydicom.data import get_testdata_file
-  from transforms.dicom import header_to_json
+  from transforms.header_json import header_json
   ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"), stop_before_pixels=True)
   for k, v in attrs.items():
     setattr(ds, k, v)
-  return image_record(_src(f"{ds.Modality}.dcm"), header_to_json(ds))
+  return image_record(_src(f"{ds.Modality}.dcm"), header_json(ds))
 
 
 def test_deid_rule_with_its_default_recipe():

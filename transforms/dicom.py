@@ -1,14 +1,8 @@
-"""Read DICOM headers: parse up to the pixel data, export the header as JSON.
-
-The header export follows the DICOM JSON model (PS3.18 F.2) as pydicom's
-Dataset.to_json_dict() writes it, nested sequences included at any depth.
-It is built element by element so that one malformed value is kept as raw
-text instead of losing the whole header, and bulk binary values (pixel data,
-large OB/OW/UN blobs) are left out.
+"""Read DICOM headers: parse up to the pixel data, export the header as
+JSON (transforms/header_json.py) and keep the few values later steps use.
 """
 from __future__ import annotations
 
-import json
 import re
 from typing import Any, Dict, Iterable, Optional, Tuple
 
@@ -22,13 +16,11 @@ from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
+from transforms.header_json import header_and_text, serialize
 from transforms.records import REJECTED, Excluded, ImageRecord, SourceFile
 from transforms.rows import dicom_columns
 
 EXCLUDED_TAG = "excluded"
-# Binary values larger than this are bulk data: left out of the header JSON.
-BULK_DATA_THRESHOLD = 1024
-_BINARY_VRS = {"OB", "OD", "OF", "OL", "OV", "OW", "UN", "OB or OW", "US or OW"}
 
 
 # Header parsing stops at the pixel data: on gs:// read in small ranges, so
@@ -45,102 +37,6 @@ def open_source(path: str, gcsio=None):
   if gcsio is not None and path.startswith("gs://"):
     return gcsio.open(path, "rb", read_buffer_size=HEADER_READ_BUFFER)
   return FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED)
-
-
-def _json_safe(value: Any) -> bool:
-  try:
-    json.dumps(value, allow_nan=False)
-    return True
-  except (TypeError, ValueError):
-    return False
-
-
-def _raw_text(raw_value: Any) -> str:
-  if isinstance(raw_value, bytes):
-    # latin-1 maps every byte, so nothing is lost however the text was encoded.
-    return raw_value.decode("latin-1").strip("\x00 ")
-  return str(raw_value)
-
-
-def header_to_json(ds: Dataset) -> Dict[str, Dict[str, Any]]:
-  """The dataset's elements in the DICOM JSON model, keyed by 'GGGGEEEE'.
-
-  pydicom's own Dataset.to_json_dict() does the work; bulk values are then
-  dropped. Only when that fails, or yields a value JSON cannot carry (NaN),
-  is the header rebuilt element by element, keeping bad values as raw text.
-  """
-  return header_and_text(ds)[0]
-
-
-def header_and_text(ds: Dataset) -> Tuple[Dict[str, Dict[str, Any]], str]:
-  """header_to_json's result, and that serialized (done once, here)."""
-  try:
-    header = ds.to_json_dict(bulk_data_threshold=BULK_DATA_THRESHOLD,
-                             bulk_data_element_handler=_bulk_marker)
-    _drop_bulk(header)
-    return header, _serialize(header)
-  except Exception:  # pylint: disable=broad-except
-    header = header_to_json_by_element(ds)
-    return header, _serialize(header)
-
-
-def _serialize(header: Dict[str, Any]) -> str:
-  return json.dumps(header, sort_keys=True, ensure_ascii=False,
-                    allow_nan=False)
-
-
-_BULK = "bulk data left out"
-
-
-def _bulk_marker(_elem) -> str:
-  return _BULK
-
-
-def _drop_bulk(header: Dict[str, Any]) -> None:
-  for key in [k for k, v in header.items()
-              if k == "7FE00010" or v.get("BulkDataURI") == _BULK]:
-    del header[key]
-  for value in header.values():
-    if value.get("vr") == "SQ":
-      for item in value.get("Value", ()):
-        _drop_bulk(item)
-
-
-def header_to_json_by_element(ds: Dataset) -> Dict[str, Dict[str, Any]]:
-  """Element by element: one malformed value is kept as raw text (flagged
-  "InvalidValue") instead of losing the whole header."""
-  out: Dict[str, Dict[str, Any]] = {}
-  for tag in sorted(ds.keys()):
-    key = f"{int(tag):08X}"
-    try:
-      elem = ds[tag]
-    except Exception:  # pylint: disable=broad-except
-      # The value could not be decoded: keep its raw text, flag it as such.
-      raw = ds.get_item(tag)
-      out[key] = {"vr": "UN" if raw.VR is None else str(raw.VR),
-                  "Value": [_raw_text(raw.value)], "InvalidValue": True}
-      continue
-    vr = str(elem.VR)
-    if tag == 0x7FE00010 or (vr in _BINARY_VRS and elem.value is not None
-                             and len(elem.value) > BULK_DATA_THRESHOLD):
-      continue
-    if vr == "SQ":
-      out[key] = {"vr": "SQ",
-                  "Value": [header_to_json_by_element(item)
-                            for item in elem.value]}
-      continue
-    try:
-      converted = elem.to_json_dict(
-          bulk_data_element_handler=None,
-          bulk_data_threshold=BULK_DATA_THRESHOLD)
-    except Exception:  # pylint: disable=broad-except
-      converted = None
-    if converted is None or not _json_safe(converted):
-      raw = ds.get_item(tag)
-      text = _raw_text(getattr(raw, "value", None) or elem.value)
-      converted = {"vr": vr, "Value": [text], "InvalidValue": True}
-    out[key] = converted
-  return out
 
 
 def first_value(header: Dict[str, Any], keyword_tag: str) -> Optional[Any]:
@@ -226,7 +122,7 @@ def image_record(source: SourceFile, header: Dict[str, Any],
       series_instance_uid=uids["SeriesInstanceUID"],
       sop_instance_uid=uids["SOPInstanceUID"],
       columns=dicom_columns(header),
-      header_json=header_json or _serialize(header),
+      header_json=header_json or serialize(header),
       transfer_syntax_uid=transfer_syntax_uid,
       item_value=_text(first_value(header, item_tag)),
       burned_in_annotation=_text(burned[0]))
