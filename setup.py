@@ -22,7 +22,7 @@ setuptools.setup(
         f"apache-beam[gcp]=={BEAM_VERSION}",
         "pydicom==3.0.2",
         "isal==1.9.1",
-        "zlib-ng==1.1.0",
+        "deflate==0.9.0",   # libdeflate: small images' gzip members
         "google-cloud-storage>=2.18,<4",
         "google-crc32c>=1.5,<2",
         "deid==0.4.13",

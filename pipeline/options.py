@@ -89,7 +89,7 @@ class StorageOptions(PipelineOptions):
     parser.add_argument(
         "--compression_level", type=int, default=DEFAULT_COMPRESSION_LEVEL,
         help="ISA-L gzip level 0-3 for images of 512 KiB and more (smaller "
-             "ones use zlib-ng level 3). Default: 2.")
+             "ones use libdeflate level 1). Default: 2.")
     parser.add_argument(
         "--entities_file",
         help="Text file (local or gs://) listing the entity ids to process, "

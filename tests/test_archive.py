@@ -120,3 +120,27 @@ def test_the_manifest_is_found_from_the_last_bytes(tmp_path):
   assert info.name.endswith("/manifest.json")
   assert len(json.loads(raw)["members"]) == len(CONTENTS)
   assert offset + length < len(data) <= offset + length + INDEX_TAIL_BYTES
+
+
+def test_threads_and_streamed_large_files_give_the_same_bytes(tmp_path,
+                                                              monkeypatch):
+  import random
+  import transforms.archive as archive
+  rng = random.Random(7)
+  contents = [bytes(rng.getrandbits(8) for _ in range(rng.randrange(4000)))
+              + b"\0" * rng.randrange(60000) for _ in range(40)]
+  study = _study(tmp_path, contents)
+  one = io.BytesIO()
+  write_study_archive(study, one, 2, opener=open_binary, threads=1)
+  # Several threads, a small in-flight budget, and files over 20 kB streamed
+  # by the writing thread: in whatever order members finish, same object.
+  monkeypatch.setattr(archive, "PARALLEL_MEMBER_BYTES", 20000)
+  monkeypatch.setattr(archive, "IN_FLIGHT_BYTES", 50000)
+  many = io.BytesIO()
+  members, _ = write_study_archive(study, many, 2, opener=open_binary,
+                                   threads=4)
+  assert many.getvalue() == one.getvalue()
+  assert [m.sop_instance_uid for m in members] == [
+      i.sop_instance_uid for i in study.images]
+  with tarfile.open(fileobj=io.BytesIO(many.getvalue()), mode="r:gz") as t:
+    assert [t.extractfile(m.member).read() for m in members] == contents
