@@ -17,7 +17,8 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
 from transforms.header_json import header_and_text, serialize
-from transforms.records import REJECTED, Excluded, ImageRecord, SourceFile
+from transforms.records import (REJECTED, Excluded, ImageRecord, SourceFile,
+                                pack_text)
 from transforms.rows import dicom_columns
 
 EXCLUDED_TAG = "excluded"
@@ -122,7 +123,7 @@ def image_record(source: SourceFile, header: Dict[str, Any],
       series_instance_uid=uids["SeriesInstanceUID"],
       sop_instance_uid=uids["SOPInstanceUID"],
       columns=dicom_columns(header),
-      header_json=header_json or serialize(header),
+      header_packed=pack_text(header_json or serialize(header)),
       transfer_syntax_uid=transfer_syntax_uid,
       item_value=_text(first_value(header, item_tag)),
       burned_in_annotation=_text(burned[0]))

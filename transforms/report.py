@@ -94,18 +94,58 @@ def read_report(path: str) -> Dict[str, Any]:
     return json.loads(f.read().decode("utf-8"))
 
 
-def _write_report(_, path, run_id, version, collection, discovered, entities,
-                  excluded, studies, skipped, rows_sent, refused, dead_letters):
-  report = build_report(run_id, version, collection, discovered, entities,
-                        excluded, studies, skipped, rows_sent - refused,
-                        dead_letters)
+class _CollectOutcome(beam.CombineFn):
+  """All the report needs, from ("kind", value) facts, in one combine (one
+  shuffle, instead of a count or list per kind): counts of seen files, rows
+  sent, refused and dead-letter rows; entity ids; excluded files; summaries
+  of stored and skipped studies."""
+  COUNTED = ("seen", "rows_sent", "refused", "dead_letters")
+  LISTED = ("excluded", "studies", "skipped")
+
+  def create_accumulator(self):
+    acc = {k: 0 for k in self.COUNTED}
+    acc.update({k: [] for k in self.LISTED})
+    acc["entities"] = set()
+    return acc
+
+  def add_input(self, acc, fact):
+    kind, value = fact
+    if kind in self.COUNTED:
+      acc[kind] += 1
+    elif kind == "entity":
+      acc["entities"].add(value)
+    elif kind in self.LISTED:
+      acc[kind].append(value)
+    return acc   # "start": nothing to add
+
+  def merge_accumulators(self, accumulators):
+    merged = self.create_accumulator()
+    for acc in accumulators:
+      for k in self.COUNTED:
+        merged[k] += acc[k]
+      for k in self.LISTED:
+        merged[k].extend(acc[k])
+      merged["entities"] |= acc["entities"]
+    return merged
+
+  def extract_output(self, acc):
+    return acc
+
+
+def _write_report(keyed_outcome, path, run_id, version, collection):
+  outcome = keyed_outcome[1]
+  report = build_report(run_id, version, collection, outcome["seen"],
+                        len(outcome["entities"]), outcome["excluded"],
+                        outcome["studies"], outcome["skipped"],
+                        outcome["rows_sent"] - outcome["refused"],
+                        outcome["dead_letters"])
   with FileSystems.create(path) as f:
     f.write(json.dumps(report, indent=1, sort_keys=True).encode("utf-8"))
   yield path
 
 
-def _count(pcoll, label):
-  return pcoll | label >> beam.combiners.Count.Globally()
+def _facts(pcoll, label: str, kind: str, value=lambda v: None):
+  return pcoll | label >> beam.Map(lambda v: (kind, value(v)))
 
 
 class WriteRunReport(beam.PTransform):
@@ -120,28 +160,21 @@ class WriteRunReport(beam.PTransform):
 
   def expand(self, parts: Dict[str, Any]):
     # "seen" holds the path of every listed file, "files" those in entities.
-    seen, files, excluded = parts["seen"], parts["files"], parts["excluded"]
-    stored, rows, dead = parts["stored"], parts["rows"], parts["dead_letter"]
-    skipped, refused = parts["skipped"], parts["refused"]
-    side = beam.pvalue.AsSingleton
-    return (
-        files.pipeline
-        | "Once" >> beam.Create([None])
-        | "Write" >> beam.FlatMap(
-            _write_report, self.path, self.run_id, self.version,
-            self.collection,
-            discovered=side(_count(seen, "CountSeen")),
-            entities=side(files
-                          | "EntityIds" >> beam.Map(lambda f: f.entity_id)
-                          | "DistinctEntities" >> beam.Distinct()
-                          | "CountEntities" >> beam.combiners.Count.Globally()),
-            excluded=side(excluded | "ListExcluded" >> beam.combiners.ToList()),
-            studies=side(stored
-                         | "Summaries" >> beam.Map(study_summary)
-                         | "ListStudies" >> beam.combiners.ToList()),
-            skipped=side(skipped
-                         | "SkippedSummaries" >> beam.Map(study_summary)
-                         | "ListSkipped" >> beam.combiners.ToList()),
-            rows_sent=side(_count(rows, "CountRows")),
-            refused=side(_count(refused, "CountRefused")),
-            dead_letters=side(_count(dead, "CountDeadLetters"))))
+    facts = [
+        # One fact always, so that a run with no input still has a report.
+        parts["files"].pipeline | "Start" >> beam.Create([("start", None)]),
+        _facts(parts["seen"], "Seen", "seen"),
+        _facts(parts["files"], "Entities", "entity", lambda f: f.entity_id),
+        _facts(parts["excluded"], "Excluded", "excluded", lambda e: e),
+        _facts(parts["stored"], "Studies", "studies", study_summary),
+        _facts(parts["skipped"], "Skipped", "skipped", study_summary),
+        _facts(parts["rows"], "RowsSent", "rows_sent"),
+        _facts(parts["refused"], "Refused", "refused"),
+        _facts(parts["dead_letter"], "DeadLetters", "dead_letters"),
+    ]
+    return (facts
+            | "AllFacts" >> beam.Flatten()
+            | "OneKey" >> beam.Map(lambda fact: (None, fact))
+            | "Collect" >> beam.CombinePerKey(_CollectOutcome())
+            | "Write" >> beam.FlatMap(_write_report, self.path, self.run_id,
+                                      self.version, self.collection))

@@ -73,11 +73,10 @@ class WriteJsonLines(beam.PTransform):
                 num_shards=1, shard_name_template=""))
 
 
-def _write_lines(records, path: str):
-  if records:   # no empty dead-letter files
-    write_text_file(path, "".join(_to_json_line(r) + "\n" for r in sorted(
-        records, key=_to_json_line)))
-    yield path
+def _write_lines(keyed_records, path: str):
+  lines = sorted(_to_json_line(r) + "\n" for r in keyed_records[1])
+  write_text_file(path, "".join(lines))
+  yield path
 
 
 class WriteDeadLetters(beam.PTransform):
@@ -90,8 +89,10 @@ class WriteDeadLetters(beam.PTransform):
     self.path = path
 
   def expand(self, records):
+    # Grouped under one key: no group, no file, when there are none.
     return (records
-            | "Collect" >> beam.combiners.ToList()
+            | "OneKey" >> beam.Map(lambda record: (None, record))
+            | "Collect" >> beam.GroupByKey()
             | "Write" >> beam.FlatMap(_write_lines, self.path))
 
 
