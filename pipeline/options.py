@@ -59,8 +59,9 @@ class StorageOptions(PipelineOptions):
              "Default: $GOOGLE_STORAGE_COLLECTION.")
     parser.add_argument(
         "--metadata_output",
-        help="Folder for the rows as newline-delimited JSON, one file per "
-             "run (rows-<run id>.json), with schema.json, for `bq load`.")
+        help="Folder for the rows as newline-delimited JSON, files named "
+             "by run (rows-<run id>-*.json), with schema.json, for "
+             "`bq load`.")
     parser.add_argument(
         "--dead_letter",
         help="Folder for rows that could not be written, as newline-"

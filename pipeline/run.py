@@ -222,7 +222,7 @@ def main(argv: Optional[List[str]] = None) -> int:
   print(format_summary(report))
   print(f"  objects under {report['bucket']}/Collection/{report['collection']}/")
   if report["metadata_output"]:
-    print(f"  rows in {report['metadata_output']}/rows-{report['run_id']}.json")
+    print(f"  rows in {report['metadata_output']}/rows-{report['run_id']}-*.json")
   if report.get("bigquery_table"):
     print(f"  rows in BigQuery {report['bigquery_table']} "
           f"(current rows: view {report['bigquery_table']}_current)")

@@ -37,7 +37,7 @@ def run_pipeline(input_root: Path, out: Path, *extra: str,
 def read_rows(metadata_dir: Path, run_id: str = "") -> List[dict]:
   """Rows of one run (by its id), or of all runs in the folder."""
   rows = []
-  for path in sorted(metadata_dir.glob(f"rows-{run_id or '*'}.json")):
+  for path in sorted(metadata_dir.glob(f"rows-{run_id or '*'}-*.json")):
     rows += [json.loads(line) for line in path.read_text().splitlines() if line]
   return rows
 

@@ -58,7 +58,8 @@ def write_text_file(path: str, text: str) -> str:
 
 
 class WriteJsonLines(beam.PTransform):
-  """Dicts -> one newline-delimited JSON file, DIR/<name>.json."""
+  """Dicts -> newline-delimited JSON files DIR/<name>-SSSSS-of-NNNNN.json,
+  one per bundle of writing: rows are not shuffled again to fill one file."""
 
   def __init__(self, directory: str, name: str):
     super().__init__()
@@ -69,8 +70,7 @@ class WriteJsonLines(beam.PTransform):
     return (records
             | "ToJson" >> beam.Map(_to_json_line)
             | "Write" >> beam.io.WriteToText(
-                join_uri(self.directory, self.name), file_name_suffix=".json",
-                num_shards=1, shard_name_template=""))
+                join_uri(self.directory, self.name), file_name_suffix=".json"))
 
 
 def _write_lines(keyed_records, path: str):
@@ -97,9 +97,10 @@ class WriteDeadLetters(beam.PTransform):
 
 
 class WriteRowsLocal(beam.PTransform):
-  """Rows -> DIR/rows-<run id>.json and DIR/schema.json, for `bq load`.
+  """Rows -> DIR/rows-<run id>-SSSSS-of-NNNNN.json and DIR/schema.json, for
+  `bq load`.
 
-  One file per run, never overwritten: like the BigQuery table, the folder
+  Files named by run, never overwritten: like the BigQuery table, the folder
   is an append-only record, and a re-run that skips stored studies adds an
   empty file rather than erasing the rows of earlier runs.
   """
