@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import ctypes
 import datetime
-import json
 import os
 import sys
 import uuid
@@ -36,7 +35,8 @@ from transforms.discover import (DiscoverEntityFiles, InputError,
                                  check_input_roots)
 from transforms.keys import join_uri
 from transforms.phi import FlagPhiByHeader, FlagPhiByPath
-from transforms.report import WriteRunReport, format_summary, read_report
+from transforms.report import (WriteRunReport, format_summary, read_report,
+                               write_report)
 from transforms.rows import BuildRows
 from transforms.sinks import CheckRows, WriteDeadLetters, WriteRowsLocal
 from transforms.studies import GroupStudies
@@ -204,8 +204,7 @@ def run(argv: Optional[List[str]] = None) -> dict:
   report["metadata_output"] = config.metadata_output
   report["bucket"] = config.bucket
   report["bigquery_table"] = config.bigquery_table
-  with FileSystems.create(config.report) as f:
-    f.write(json.dumps(report, indent=1, sort_keys=True).encode("utf-8"))
+  write_report(config.report, report)
   return report
 
 

@@ -52,8 +52,8 @@ def test_a_plain_header_is_converted_without_pydicom_elements(monkeypatch):
   through_pydicom = []
   original = header_json_module._by_pydicom
   monkeypatch.setattr(header_json_module, "_by_pydicom",
-                      lambda ds, tag, recurse=None: through_pydicom.append(
-                          tag) or original(ds, tag, recurse))
+                      lambda ds, tag, fast: through_pydicom.append(
+                          tag) or original(ds, tag, fast))
   ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"),
                        stop_before_pixels=True)
   header = header_json(ds)

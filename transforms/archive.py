@@ -155,29 +155,26 @@ class StudyArchiveWriter:
     self.sink = _HashingSink(out, md5)
     self.level = level
 
-  def _member(self, pieces: Iterable[bytes]) -> Tuple[int, int]:
+  def add_compressed(self, pieces: Iterable[bytes]) -> Tuple[int, int]:
+    """Appends one gzip member's pieces; returns (offset, length)."""
     offset = self.sink.size
     for piece in pieces:
       self.sink.write(piece)
     return offset, self.sink.size - offset
-
-  def add_compressed(self, pieces: List[bytes]) -> Tuple[int, int]:
-    """Appends a member compressed elsewhere (compress_entry)."""
-    return self._member(pieces)
 
   def add_stream(self, name: str, source: BinaryIO, size: int
                  ) -> Tuple[int, int, str]:
     """Adds one file, streamed in chunks; returns (member_offset,
     member_length, sha256 hex)."""
     digest = hashlib.sha256()
-    offset, length = self._member(_gzip_member(
+    offset, length = self.add_compressed(_gzip_member(
         _entry_chunks(name, source, size, digest), size, self.level))
     return offset, length, digest.hexdigest()
 
   def add_bytes(self, name: str, data: bytes) -> Tuple[int, int]:
     padding = b"\0" * (-len(data) % _BLOCK)
-    return self._member(_gzip_member([tar_header(name, len(data)), data,
-                                      padding], len(data), self.level))
+    return self.add_compressed(_gzip_member(
+        [tar_header(name, len(data)), data, padding], len(data), self.level))
 
   def close(self, manifest_offset: int, manifest_length: int) -> None:
     """The end-of-archive marker, two zero blocks, in a final member whose

@@ -49,19 +49,21 @@ def serialize(header: Header) -> str:
 
 
 def header_json(ds: Dataset) -> Header:
+  return _export(ds, fast=True)
+
+
+def _export(ds: Dataset, fast: bool) -> Header:
+  """Element by element, nested sequences included; fast=False: every
+  element through pydicom (the reference the fast path is tested against)."""
   out: Header = {}
   for tag, elem in ds._dict.items():  # pylint: disable=protected-access
     if tag == PIXEL_DATA:
       continue
-    if type(elem) is RawDataElement:  # pylint: disable=unidiomatic-typecheck
+    converted = _NOT_FAST
+    if fast and type(elem) is RawDataElement:  # pylint: disable=unidiomatic-typecheck
       converted = _from_raw(elem)
-      if converted is _NOT_FAST:
-        converted = _by_pydicom(ds, tag)
-    elif elem.VR == "SQ":   # pydicom reads sequences as it parses
-      converted = {"vr": "SQ", "Value": [header_json(item)
-                                         for item in elem.value]}
-    else:
-      converted = _by_pydicom(ds, tag)
+    if converted is _NOT_FAST:
+      converted = _by_pydicom(ds, tag, fast)
     if converted is not None:
       out[f"{tag:08X}"] = converted
   return out
@@ -173,8 +175,7 @@ def _from_raw(raw: RawDataElement) -> Any:
 
 # --- through pydicom ----------------------------------------------------------
 
-def _by_pydicom(ds: Dataset, tag: int,
-                recurse=None) -> Optional[Dict[str, Any]]:
+def _by_pydicom(ds: Dataset, tag: int, fast: bool) -> Optional[Dict[str, Any]]:
   """One element converted by pydicom; None for bulk data. A value pydicom
   cannot convert, or that JSON cannot carry (NaN), is kept as raw text."""
   try:
@@ -188,8 +189,7 @@ def _by_pydicom(ds: Dataset, tag: int,
       len(elem.value) > _MAX_INLINE_BYTES):
     return None
   if vr == "SQ":
-    return {"vr": "SQ", "Value": [(recurse or header_json)(item)
-                                  for item in elem.value]}
+    return {"vr": "SQ", "Value": [_export(item, fast) for item in elem.value]}
   try:
     converted = elem.to_json_dict(bulk_data_element_handler=None,
                                   bulk_data_threshold=BULK_DATA_THRESHOLD)
@@ -222,18 +222,7 @@ def pydicom_header_json(ds: Dataset) -> Header:
     serialize(header)
     return header
   except Exception:  # pylint: disable=broad-except
-    return _all_by_pydicom(ds)
-
-
-def _all_by_pydicom(ds: Dataset) -> Header:
-  out: Header = {}
-  for tag in ds.keys():
-    if tag == PIXEL_DATA:
-      continue
-    converted = _by_pydicom(ds, tag, recurse=_all_by_pydicom)
-    if converted is not None:
-      out[f"{tag:08X}"] = converted
-  return out
+    return _export(ds, fast=False)
 
 
 def _drop_bulk(header: Header) -> None:

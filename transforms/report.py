@@ -89,6 +89,11 @@ def format_summary(report: Dict[str, Any]) -> str:
   return "\n".join(lines)
 
 
+def write_report(path: str, report: Dict[str, Any]) -> None:
+  with FileSystems.create(path) as f:
+    f.write(json.dumps(report, indent=1, sort_keys=True).encode("utf-8"))
+
+
 def read_report(path: str) -> Dict[str, Any]:
   with FileSystems.open(path) as f:
     return json.loads(f.read().decode("utf-8"))
@@ -139,8 +144,7 @@ def _write_report(keyed_outcome, path, run_id, version, collection):
                         outcome["studies"], outcome["skipped"],
                         outcome["rows_sent"] - outcome["refused"],
                         outcome["dead_letters"])
-  with FileSystems.create(path) as f:
-    f.write(json.dumps(report, indent=1, sort_keys=True).encode("utf-8"))
+  write_report(path, report)
   yield path
 
 
