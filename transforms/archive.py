@@ -46,7 +46,8 @@ from transforms.gcs import (blob_for, split_gs_uri, storage_client,
 from transforms.keys import join_uri
 from transforms.retrieve import RetrievalError, read_range, unpack_member
 from transforms.records import (FAILED, Excluded, MemberLocation,
-                                ObjectLocation, StoredStudy, Study)
+                                ObjectLocation, StoredStudy, Study,
+                                rfc3339_utc)
 
 EXCLUDED_TAG = "excluded"
 SKIPPED_TAG = "skipped"
@@ -318,9 +319,8 @@ def read_manifest(uri: str, gcs_client=None) -> Optional[dict]:
 
 
 def utc_timestamp(seconds: float) -> str:
-  return datetime.datetime.fromtimestamp(
-      seconds, datetime.timezone.utc).isoformat(
-          timespec="microseconds").replace("+00:00", "Z")
+  return rfc3339_utc(datetime.datetime.fromtimestamp(
+      seconds, datetime.timezone.utc))
 
 
 def manifest_matches(manifest: dict, study: Study) -> bool:

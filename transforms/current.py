@@ -14,6 +14,7 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
 from transforms.keys import join_uri
+from transforms.records import rfc3339_utc
 
 ROWS_PREFIX = "rows-"
 
@@ -82,8 +83,8 @@ class _ReadBigQueryCurrent(beam.DoFn):
         FROM {sql_table(self.table, CURRENT_VIEW_SUFFIX)}"""
     for r in query_rows(self.table, sql, {}):
       written = r["written_at"]
-      written = (written.isoformat(timespec="microseconds").replace(
-          "+00:00", "Z") if hasattr(written, "isoformat") else str(written))
+      written = (rfc3339_utc(written) if hasattr(written, "isoformat")
+                 else str(written))
       yield ((r["entity_id"], r["study_instance_uid"]),
              (r["sop_instance_uid"], r["member_sha256"], r["member_offset"],
               r["md5_hash"], r["size_bytes"], written))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from typing import Optional, Tuple
 
-from transforms.records import ObjectLocation
+from transforms.records import ObjectLocation, rfc3339_utc
 
 STORAGE_EMULATOR_HOST = "STORAGE_EMULATOR_HOST"
 
@@ -44,7 +44,6 @@ def stored_object_location(client, uri: str, bucket_uri: str, key: str
   return ObjectLocation(
       uri=uri, bucket=bucket_uri, object_name=key, size_bytes=blob.size,
       md5_hash=blob.md5_hash, crc32c=blob.crc32c,
-      written_at=blob.time_created.isoformat(timespec="microseconds")
-      .replace("+00:00", "Z"),
+      written_at=rfc3339_utc(blob.time_created),
       generation=blob.generation, download_link=blob.media_link,
       metadata_link=blob.self_link)

@@ -6,6 +6,7 @@ go through a GroupByKey. The archive writer reads image bytes itself.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 from typing import Optional, Tuple
 
 from isal import isal_zlib
@@ -84,6 +85,15 @@ class Study:
 
   def member_name(self, image: ImageRecord) -> str:
     return f"{self.archive_root}/{image.source.relpath}"
+
+
+def rfc3339_utc(moment: datetime.datetime) -> str:
+  """'2026-11-27T23:07:55.123456Z': how written_at is always spelled, so
+  times from the file system, Cloud Storage and BigQuery compare as text."""
+  if moment.tzinfo is None:   # naive: already UTC
+    moment = moment.replace(tzinfo=datetime.timezone.utc)
+  return moment.astimezone(datetime.timezone.utc).isoformat(
+      timespec="microseconds").replace("+00:00", "Z")
 
 
 @dataclasses.dataclass(frozen=True)
