@@ -15,9 +15,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from transforms.keys import join_uri
 from transforms.records import rfc3339_utc
-
-ROWS_PREFIX = "rows-"
-
+from transforms.sinks import ROWS_PREFIX   # the files WriteRowsLocal writes
 
 # A current image is the tuple (sop_instance_uid, member_sha256,
 # member_offset, md5_hash, size_bytes, written_at) of one current row.
