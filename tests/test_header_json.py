@@ -15,8 +15,8 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
 import transforms.header_json as header_json_module
-from transforms.header_json import (header_json, pydicom_header_json,
-                                    serialize)
+from transforms.header_json import (header_and_text, header_json,
+                                    pydicom_header_json, serialize)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -29,9 +29,15 @@ def ignore_invalid_values():
 
 
 def _both(read):
-  """(fast export, pydicom's export) of two fresh reads of the same file:
-  pydicom converts elements in place, so each export gets its own."""
-  return serialize(header_json(read())), serialize(pydicom_header_json(read()))
+  """(fast export's text, pydicom's export serialized) of fresh reads of the
+  same file: pydicom converts elements in place, so each export gets its
+  own. The fast export's text, built element by element and partly from
+  its cache, must be exactly serialize() of its header, on a first and a
+  second reading."""
+  for _ in range(2):
+    header, text = header_and_text(read())
+    assert text == serialize(header)
+  return text, serialize(pydicom_header_json(read()))
 
 
 def test_equals_pydicom_on_every_file_pydicom_ships():
@@ -58,10 +64,10 @@ def test_a_plain_header_is_converted_without_pydicom_elements(monkeypatch):
                        stop_before_pixels=True)
   header = header_json(ds)
   assert len(header) > 90
-  # Only a few go through pydicom: the character set (converted while
-  # reading), a defined-length sequence (whose items are then exported here)
-  # and PixelRepresentation, which pydicom converts when it opens a sequence.
-  assert sorted(through_pydicom) == [0x00080005, 0x00101002, 0x00280103]
+  # Only two go through pydicom: the character set (converted while
+  # reading) and a defined-length sequence (whose items are then exported
+  # here).
+  assert sorted(through_pydicom) == [0x00080005, 0x00101002]
 
 
 def test_keeps_nested_sequences_and_drops_bulk():
@@ -177,3 +183,15 @@ def test_binary_values_equal_pydicom(vr, value):
 def test_special_cases_equal_pydicom(elements):
   _assert_same(elements)
   _assert_same(elements, implicit=True)
+
+
+def test_the_conversion_cache_stays_bounded_and_exact(monkeypatch):
+  monkeypatch.setattr(header_json_module, "_converted_cache", {})
+  monkeypatch.setattr(header_json_module, "_CACHE_ENTRIES", 50)
+  for name in ("CT_small.dcm", "MR_small.dcm", "CT_small.dcm"):
+    fast, reference = _both(lambda: pydicom.dcmread(
+        get_testdata_file(name), stop_before_pixels=True))
+    assert fast == reference
+    cache = header_json_module._converted_cache
+    assert 0 < len(cache) <= 50
+    assert all(key[3] is None or len(key[3]) <= 256 for key in cache)

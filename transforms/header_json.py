@@ -38,9 +38,9 @@ _BINARY_VRS = {"OB", "OD", "OF", "OL", "OV", "OW", "UN", "OB or OW",
 
 def header_and_text(ds: Dataset) -> Tuple[Header, str]:
   """The header in the DICOM JSON model, keyed by 'GGGGEEEE', and that
-  serialized (sorted keys, so the same header is always the same text)."""
-  header = header_json(ds)
-  return header, serialize(header)
+  serialized: the same text serialize() gives (sorted keys, so the same
+  header is always the same text), built from each element's own text."""
+  return _export(ds, fast=True)
 
 
 def serialize(header: Header) -> str:
@@ -49,24 +49,35 @@ def serialize(header: Header) -> str:
 
 
 def header_json(ds: Dataset) -> Header:
-  return _export(ds, fast=True)
+  return _export(ds, fast=True)[0]
 
 
-def _export(ds: Dataset, fast: bool) -> Header:
+def _export(ds: Dataset, fast: bool) -> Tuple[Header, str]:
   """Element by element, nested sequences included; fast=False: every
-  element through pydicom (the reference the fast path is tested against)."""
+  element through pydicom (the reference the fast path is tested against).
+  Returns the header and its serialize() text."""
   out: Header = {}
-  for tag, elem in ds._dict.items():  # pylint: disable=protected-access
+  parts = []
+  items = ds._dict  # pylint: disable=protected-access
+  # In tag order, which is serialize()'s sorted key order; as plain ints,
+  # since pydicom's tags compare in Python code.
+  for tag, elem in sorted(zip(map(int, items), items.values())):
     if tag == PIXEL_DATA:
       continue
     converted = _NOT_FAST
     if fast and type(elem) is RawDataElement:  # pylint: disable=unidiomatic-typecheck
-      converted = _from_raw(elem)
+      converted, part = _from_raw_cached(tag, elem)
     if converted is _NOT_FAST:
-      converted = _by_pydicom(ds, tag, fast)
+      converted, part = _by_pydicom(ds, tag, fast)
     if converted is not None:
       out[f"{tag:08X}"] = converted
-  return out
+      parts.append(part)
+  return out, "{" + ", ".join(parts) + "}"
+
+
+def _part(tag: int, converted: Any) -> str:
+  """One element as serialize() writes it inside the header's braces."""
+  return f'"{tag:08X}": ' + serialize(converted)
 
 
 # --- the fast path: straight from the raw bytes -----------------------------
@@ -173,32 +184,71 @@ def _from_raw(raw: RawDataElement) -> Any:
   return {"vr": vr, "Value": values}
 
 
+# The same value of the same element repeats across the headers of a series
+# (all but a few of a CT slice's ~150 elements), so each distinct short value
+# is converted and serialized once per worker process. Keys hold the raw
+# bytes: values over _CACHED_VALUE_BYTES are converted every time, and the
+# cache is emptied when full, so its memory stays a few MB.
+_CACHED_VALUE_BYTES = 256
+_CACHE_ENTRIES = 16384
+_converted_cache: Dict[tuple, Tuple[Any, Optional[str]]] = {}
+
+
+def _from_raw_cached(tag: int, raw: RawDataElement
+                     ) -> Tuple[Any, Optional[str]]:
+  """(_from_raw(raw), its _part text or None), from the cache when seen."""
+  value = raw.value
+  cacheable = value is None or len(value) <= _CACHED_VALUE_BYTES
+  if cacheable:
+    key = (tag, raw.VR, raw.is_little_endian, value)
+    hit = _converted_cache.get(key)
+    if hit is not None:
+      return hit
+  converted = _from_raw(raw)
+  result = (converted, None if converted is _NOT_FAST or converted is None
+            else _part(tag, converted))
+  if cacheable:
+    if len(_converted_cache) >= _CACHE_ENTRIES:
+      _converted_cache.clear()
+    _converted_cache[key] = result
+  return result
+
+
 # --- through pydicom ----------------------------------------------------------
 
-def _by_pydicom(ds: Dataset, tag: int, fast: bool) -> Optional[Dict[str, Any]]:
-  """One element converted by pydicom; None for bulk data. A value pydicom
-  cannot convert, or that JSON cannot carry (NaN), is kept as raw text."""
+def _by_pydicom(ds: Dataset, tag: int, fast: bool) -> Tuple[Any, Optional[str]]:
+  """One element converted by pydicom (None for bulk data), and its _part
+  text. A value pydicom cannot convert, or that JSON cannot carry (NaN), is
+  kept as raw text."""
   try:
     elem = ds[tag]
   except Exception:  # pylint: disable=broad-except
     raw = ds.get_item(tag)
-    return {"vr": "UN" if raw.VR is None else str(raw.VR),
-            "Value": [_raw_text(raw.value)], "InvalidValue": True}
+    return _with_part(tag, {"vr": "UN" if raw.VR is None else str(raw.VR),
+                            "Value": [_raw_text(raw.value)],
+                            "InvalidValue": True})
   vr = str(elem.VR)
   if vr in _BINARY_VRS and elem.value is not None and (
       len(elem.value) > _MAX_INLINE_BYTES):
-    return None
+    return None, None
   if vr == "SQ":
-    return {"vr": "SQ", "Value": [_export(item, fast) for item in elem.value]}
+    items = [_export(item, fast) for item in elem.value]
+    # serialize()'s text of {"vr": "SQ", "Value": [...]}, keys sorted
+    return ({"vr": "SQ", "Value": [header for header, _ in items]},
+            f'"{tag:08X}": {{"Value": [' + ", ".join(
+                text for _, text in items) + '], "vr": "SQ"}')
   try:
     converted = elem.to_json_dict(bulk_data_element_handler=None,
                                   bulk_data_threshold=BULK_DATA_THRESHOLD)
-    json.dumps(converted, allow_nan=False)
-    return converted
+    return _with_part(tag, converted)
   except Exception:  # pylint: disable=broad-except
     raw = ds.get_item(tag)
     text = _raw_text(getattr(raw, "value", None) or elem.value)
-    return {"vr": vr, "Value": [text], "InvalidValue": True}
+    return _with_part(tag, {"vr": vr, "Value": [text], "InvalidValue": True})
+
+
+def _with_part(tag: int, converted: Dict[str, Any]) -> Tuple[Any, str]:
+  return converted, _part(tag, converted)   # raises if JSON cannot carry it
 
 
 def _raw_text(raw_value: Any) -> str:
@@ -222,7 +272,7 @@ def pydicom_header_json(ds: Dataset) -> Header:
     serialize(header)
     return header
   except Exception:  # pylint: disable=broad-except
-    return _export(ds, fast=False)
+    return _export(ds, fast=False)[0]
 
 
 def _drop_bulk(header: Header) -> None:
