@@ -7,7 +7,7 @@ from apache_beam.testing.util import assert_that, equal_to
 from transforms.dicom import image_record
 from transforms.records import (MemberLocation, ObjectLocation,
                                 SourceFile, StoredStudy, Study)
-from transforms.rows import BuildRows
+from transforms.rows import BuildRows, _date
 from transforms.schema import TABLE_SCHEMA, row_errors, schema_json
 from transforms.sinks import CheckRows
 
@@ -41,6 +41,13 @@ def test_typed_columns_are_null_where_values_do_not_fit():
   assert cols["Modality"] == "CT" and cols["Rows"] == 512
   assert cols["ImageType"] == ["ORIGINAL", "PRIMARY"]
   assert cols["PixelSpacing"] == [0.5, 0.5]
+
+
+def test_dates_are_read_only_as_dicom_dates():
+  assert [_date(v) for v in ("20070930", " 19991231 ", "00010101")] == [
+      "2007-09-30", "1999-12-31", "0001-01-01"]
+  assert [_date(v) for v in ("20070931", "2007093", "2007-09-30",
+                             "200709301", "", None, 20070930.5)] == [None] * 7
 
 
 def test_built_rows_fit_the_schema():

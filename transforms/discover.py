@@ -6,6 +6,7 @@ files of one large root spread over all workers.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from typing import Iterable, List, Optional, Sequence, Tuple
@@ -66,13 +67,17 @@ def source_file_for(root: str, path: str, size_bytes: int) -> SourceFile:
                     relpath="/".join(parts[depth + 1:]), size_bytes=size_bytes)
 
 
+# The same few roots, resolved once per worker instead of once per file.
+_realpath_of_root = functools.lru_cache(maxsize=64)(os.path.realpath)
+
+
 def check_inside_root(root: str, path: str) -> None:
   """A local file must resolve to a place inside its root: a symbolic link
   pointing elsewhere is never followed (Cloud Storage has no links)."""
   if FileSystems.get_scheme(path) not in (None, "file"):
     return
   depth = len(root.rstrip("/").split("/"))
-  root_dir = os.path.realpath("/".join(path.split("/")[:depth]))
+  root_dir = _realpath_of_root("/".join(path.split("/")[:depth]))
   target = os.path.realpath(path)
   if os.path.commonpath([root_dir, target]) != root_dir:
     raise UnsafeKeyComponent(

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime
 import math
+import re
 from typing import Any, Dict, Iterable, List, Optional
 
 import apache_beam as beam
@@ -50,10 +51,18 @@ def _float(v: Any) -> Optional[float]:
   return f if math.isfinite(f) else None
 
 
+_DA = re.compile(r"[0-9]{8}\Z")
+
+
 def _date(v: Any) -> Optional[str]:
+  """DICOM DA 'YYYYMMDD' -> 'YYYY-MM-DD'; None for anything else."""
+  text = str(v).strip()
+  if not _DA.match(text):
+    return None
   try:
-    return datetime.datetime.strptime(str(v).strip(), "%Y%m%d").date().isoformat()
-  except ValueError:
+    return datetime.date(int(text[:4]), int(text[4:6]),
+                         int(text[6:])).isoformat()
+  except ValueError:   # no such day
     return None
 
 
