@@ -1,9 +1,23 @@
 """python -m pipeline --input DIR --bucket DIR --collection C --metadata_output DIR"""
+import atexit
 import logging
+import os
 import sys
 
 from pipeline.run import main
 
+
+def exit_now(code: int) -> None:
+  """Exits like sys.exit (exit handlers run, output flushed) but skips the
+  interpreter's teardown of Beam's and gRPC's objects, which took ~0.7 s
+  after every run and does nothing for the user. Every file the run writes
+  is closed before main() returns."""
+  atexit._run_exitfuncs()  # pylint: disable=protected-access
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(code)
+
+
 if __name__ == "__main__":
   logging.getLogger().setLevel(logging.INFO)
-  sys.exit(main())
+  exit_now(main())
