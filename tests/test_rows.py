@@ -79,3 +79,23 @@ def test_schema_json_is_the_table_schema():
   assert json.loads(schema_json()) == TABLE_SCHEMA["fields"]
   names = [f["name"] for f in TABLE_SCHEMA["fields"]]
   assert len(names) == len(set(names))
+
+
+def test_rows_over_the_size_limit_are_refused_even_when_escaping_makes_them_so():
+  from transforms.schema import MAX_ROW_BYTES, row_size_bytes
+  row = build_row_for_size_test()
+  assert row_errors(row) == []
+  assert row_size_bytes(row) < 64 * 1024
+  # Fewer characters than the limit, but JSON doubles every quote.
+  row["metadata"] = '"' * (MAX_ROW_BYTES // 2 + 1)
+  assert row_size_bytes(row) == len(json.dumps(row).encode("utf-8"))
+  assert any("bytes (at most" in e for e in row_errors(row))
+  row["metadata"] = "x" * (MAX_ROW_BYTES // 8)
+  assert not any("bytes (at most" in e for e in row_errors(row))
+
+
+def build_row_for_size_test():
+  from transforms.rows import build_row
+  stored = _stored()
+  return build_row("C", stored, stored.study.images[0], stored.members[0],
+                   "run1", "0.1.0")
