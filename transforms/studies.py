@@ -1,18 +1,22 @@
 """Group kept images into studies and give each study its object key.
 
-Two groupings, both over small records only (never pixel data):
+Groupings over small records only (never pixel data):
 1. by (entity, StudyInstanceUID), joined with flagged copies and the study's
    current rows: one Study per study, duplicate SOP instances resolved,
    study date and item id chosen;
 2. by (entity, object name), on an index of names only: two different
    studies that would get the same object name are told apart by a suffix
    derived from their UIDs, so neither overwrites the other and the outcome
-   does not depend on processing order.
+   does not depend on processing order. The index is computed from a few
+   naming facts per image (path, SOP, date, item), grouped apart from the
+   images themselves: were it computed from the built studies, every Study
+   would have to be stored whole until the index is complete, instead of
+   going straight on to the archive writer.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, Iterable, List, Tuple
+from typing import Dict, Iterable, List, NamedTuple, Optional, Tuple
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
@@ -26,19 +30,50 @@ EXCLUDED_TAG = "excluded"
 DEFAULT_ITEM_KEYWORD = "AccessionNumber"
 
 
-def item_id_for(images: List[ImageRecord], study_uid: str) -> str:
-  """The study's item id: the item keyword's value (from the first image
-  that has one), else a UID-derived id."""
-  for image in images:
-    if image.item_value:
-      return image.item_value
-  return "uid" + uid_short_id(study_uid)
+class NamingFacts(NamedTuple):
+  """What a study's object name depends on, per image."""
+  relpath: str
+  sop_instance_uid: str
+  study_date: str              # YYYYMMDD, or the placeholder
+  item_value: Optional[str]
 
 
 def study_date_of(image: ImageRecord) -> str:
   """YYYYMMDD from the typed StudyDate column, or the placeholder."""
   iso = image.columns.get("StudyDate")
   return study_date_component(iso.replace("-", "") if iso else None)
+
+
+def naming_facts(image: ImageRecord) -> NamingFacts:
+  return NamingFacts(image.source.relpath, image.sop_instance_uid,
+                     study_date_of(image), image.item_value)
+
+
+def _fact_order(fact: NamingFacts) -> tuple:
+  """Total, so that equal paths (one entity under two input roots) still
+  sort the same way in the index and in build_study."""
+  return (fact.relpath, fact.sop_instance_uid, fact.study_date,
+          fact.item_value or "")
+
+
+def study_name_parts(study_uid: str, facts: Iterable[NamingFacts],
+                     flagged_sops: Iterable[str] = ()
+                     ) -> Optional[Tuple[str, str]]:
+  """(study date, item id) of a study, None when no image is kept. Images
+  are taken by path below the entity folder, skipping flagged SOP instances
+  and later copies of one instance (as build_study keeps them); the date is
+  the first image's, the item id the first item value, else UID-derived."""
+  flagged, seen, kept = set(flagged_sops), set(), []
+  for fact in sorted(facts, key=_fact_order):
+    if fact.sop_instance_uid in flagged or fact.sop_instance_uid in seen:
+      continue
+    seen.add(fact.sop_instance_uid)
+    kept.append(fact)
+  if not kept:
+    return None
+  item_id = next((f.item_value for f in kept if f.item_value),
+                 "uid" + uid_short_id(study_uid))
+  return kept[0].study_date, item_id
 
 
 def build_study(collection: str, entity_id: str, study_uid: str,
@@ -49,7 +84,8 @@ def build_study(collection: str, entity_id: str, study_uid: str,
   path below the entity folder is kept, the others are rejected: a stored
   study never holds two copies of one instance.
   """
-  ordered = sorted(images, key=lambda i: i.source.relpath)
+  ordered = sorted(images, key=lambda i: (_fact_order(naming_facts(i)),
+                                          i.source.path))
   kept, duplicates, seen = [], [], {}
   for image in ordered:
     first = seen.get(image.sop_instance_uid)
@@ -61,8 +97,8 @@ def build_study(collection: str, entity_id: str, study_uid: str,
       continue
     seen[image.sop_instance_uid] = image
     kept.append(image)
-  study_date = study_date_of(kept[0])
-  item_id = item_id_for(kept, study_uid)
+  study_date, item_id = study_name_parts(study_uid,
+                                         map(naming_facts, kept))
   study = Study(entity_id=entity_id, study_instance_uid=study_uid,
                 study_date=study_date, item_id=item_id,
                 object_key=study_object_key(collection, entity_id, study_date,
@@ -109,7 +145,7 @@ class _BuildStudy(beam.DoFn):
     self.collection = collection
     self.duplicates = Metrics.counter("studies", "duplicate_instances")
 
-  def process(self, keyed) -> Iterable:
+  def process(self, keyed, renames) -> Iterable:
     (entity_id, study_uid), grouped = keyed
     flagged = dict(sorted(grouped["flagged"]))
     current = tuple(sorted(grouped["current"]))
@@ -130,7 +166,24 @@ class _BuildStudy(beam.DoFn):
     for excluded in duplicates:
       self.duplicates.inc()
       yield beam.pvalue.TaggedOutput(EXCLUDED_TAG, excluded)
-    yield dataclasses.replace(study, current=current)
+    yield dataclasses.replace(
+        _apply_rename(study, self.collection, renames), current=current)
+
+
+def _object_name(keyed) -> Iterable:
+  """From one study's naming facts and flagged instances: small
+  ((entity, object name), (study uid, item id)), as _BuildStudy will name it."""
+  (entity_id, study_uid), grouped = keyed
+  parts = study_name_parts(study_uid, grouped["images"],
+                           (sop for sop, _ in grouped["flagged"]))
+  if parts is None:
+    return
+  study_date, item_id = parts
+  try:
+    name = study_object_name(entity_id, study_date, item_id)
+  except UnsafeKeyComponent:
+    return   # _BuildStudy rejects its images, with the reason
+  yield (entity_id, name), (study_uid, item_id)
 
 
 def _renames(keyed) -> Iterable[Tuple[Tuple[str, str], str]]:
@@ -148,16 +201,14 @@ def _by_study(image: ImageRecord):
   return (image.source.entity_id, image.study_instance_uid), image
 
 
+def _naming_by_study(image: ImageRecord):
+  return ((image.source.entity_id, image.study_instance_uid),
+          naming_facts(image))
+
+
 def _flagged_by_study(image: ImageRecord):
   return ((image.source.entity_id, image.study_instance_uid),
           (image.sop_instance_uid, image.source.path))
-
-
-def _name_of(study: Study):
-  """Small: ((entity, object name), (study uid, item id))."""
-  return ((study.entity_id, study_object_name(
-      study.entity_id, study.study_date, study.item_id)),
-          (study.study_instance_uid, study.item_id))
 
 
 class GroupStudies(beam.PTransform):
@@ -166,8 +217,9 @@ class GroupStudies(beam.PTransform):
   {'studies': Study, 'excluded': Excluded}.
 
   The images cross one shuffle only. Name collisions, which are rare, are
-  found on a small (entity, object name) -> study uid index and applied
-  through a side input, so whole studies are not shuffled again.
+  found on a small (entity, object name) -> study uid index, built from
+  naming facts alone, and applied through a side input as each study is
+  built, so whole studies are neither shuffled nor stored again.
   """
 
   def __init__(self, collection: str):
@@ -179,20 +231,23 @@ class GroupStudies(beam.PTransform):
     current = inputs.get("current")
     if current is None:
       current = pipeline | "NoCurrentRows" >> beam.Create([])
+    flagged = inputs["flagged"] | "KeyFlaggedByStudy" >> beam.Map(
+        _flagged_by_study)
+    renames = (
+        {"images": inputs["images"] | "NamingFacts" >> beam.Map(
+            _naming_by_study),
+         "flagged": flagged}
+        | "GroupNamingFacts" >> beam.CoGroupByKey()
+        | "ObjectName" >> beam.FlatMap(_object_name)
+        | "GroupByObjectName" >> beam.GroupByKey()
+        | "Renames" >> beam.FlatMap(_renames))
     built = (
         {"images": inputs["images"] | "KeyByStudy" >> beam.Map(_by_study),
-         "flagged": inputs["flagged"]
-                    | "KeyFlaggedByStudy" >> beam.Map(_flagged_by_study),
+         "flagged": flagged,
          "current": current}
         | "GroupByStudy" >> beam.CoGroupByKey()
         | "BuildStudy" >> beam.ParDo(
-            _BuildStudy(self.collection)).with_outputs(
+            _BuildStudy(self.collection),
+            beam.pvalue.AsDict(renames)).with_outputs(
                 EXCLUDED_TAG, main="studies"))
-    renames = (
-        built.studies
-        | "NameOf" >> beam.Map(_name_of)
-        | "GroupByObjectName" >> beam.GroupByKey()
-        | "Renames" >> beam.FlatMap(_renames))
-    studies = built.studies | "Disambiguate" >> beam.Map(
-        _apply_rename, self.collection, beam.pvalue.AsDict(renames))
-    return {"studies": studies, EXCLUDED_TAG: built[EXCLUDED_TAG]}
+    return {"studies": built.studies, EXCLUDED_TAG: built[EXCLUDED_TAG]}
