@@ -109,10 +109,11 @@ def busy_cpu_s() -> float:
 
 
 def cpu_probe_s() -> float:
-    """CPU seconds of a fixed pure-Python loop. This machine is a VM whose
-    cores are shared with other tenants: the same loop takes 1.6 s to 2.7 s
-    minutes apart, a drift no idle check sees. Probed before each run and
-    printed, so a slow phase shows in the table."""
+    """CPU seconds of a fixed pure-Python loop (~0.16 s in a fast phase).
+    This machine is a VM whose cores are shared with other tenants: a loop
+    like it, five times longer, took 1.6 s to 2.8 s minutes apart, a drift no
+    idle check sees. Probed before each run and printed, so a slow phase
+    shows in the output."""
     start = time.process_time()
     x = 0
     for i in range(2_000_000):
