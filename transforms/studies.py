@@ -56,6 +56,20 @@ def _fact_order(fact: NamingFacts) -> tuple:
           fact.item_value or "")
 
 
+def _first_copies(ordered: Iterable) -> Tuple[list, list]:
+  """The first of each SOP instance in order, and (later copy, its first)
+  pairs: records with a sop_instance_uid (ImageRecord, NamingFacts)."""
+  kept, later, first = [], [], {}
+  for item in ordered:
+    earlier = first.get(item.sop_instance_uid)
+    if earlier is None:
+      first[item.sop_instance_uid] = item
+      kept.append(item)
+    else:
+      later.append((item, earlier))
+  return kept, later
+
+
 def study_name_parts(study_uid: str, facts: Iterable[NamingFacts],
                      flagged_sops: Iterable[str] = ()
                      ) -> Optional[Tuple[str, str]]:
@@ -63,12 +77,9 @@ def study_name_parts(study_uid: str, facts: Iterable[NamingFacts],
   are taken by path below the entity folder, skipping flagged SOP instances
   and later copies of one instance (as build_study keeps them); the date is
   the first image's, the item id the first item value, else UID-derived."""
-  flagged, seen, kept = set(flagged_sops), set(), []
-  for fact in sorted(facts, key=_fact_order):
-    if fact.sop_instance_uid in flagged or fact.sop_instance_uid in seen:
-      continue
-    seen.add(fact.sop_instance_uid)
-    kept.append(fact)
+  flagged = set(flagged_sops)
+  kept, _ = _first_copies(fact for fact in sorted(facts, key=_fact_order)
+                          if fact.sop_instance_uid not in flagged)
   if not kept:
     return None
   item_id = next((f.item_value for f in kept if f.item_value),
@@ -86,17 +97,11 @@ def build_study(collection: str, entity_id: str, study_uid: str,
   """
   ordered = sorted(images, key=lambda i: (_fact_order(naming_facts(i)),
                                           i.source.path))
-  kept, duplicates, seen = [], [], {}
-  for image in ordered:
-    first = seen.get(image.sop_instance_uid)
-    if first is not None:
-      duplicates.append(Excluded(
-          image.source.path, entity_id, REJECTED,
-          f"duplicate SOPInstanceUID {image.sop_instance_uid}: "
-          f"{first.source.relpath} is stored instead"))
-      continue
-    seen[image.sop_instance_uid] = image
-    kept.append(image)
+  kept, later = _first_copies(ordered)
+  duplicates = [Excluded(image.source.path, entity_id, REJECTED,
+                         f"duplicate SOPInstanceUID {image.sop_instance_uid}: "
+                         f"{first.source.relpath} is stored instead")
+                for image, first in later]
   study_date, item_id = study_name_parts(study_uid,
                                          map(naming_facts, kept))
   study = Study(entity_id=entity_id, study_instance_uid=study_uid,
