@@ -146,11 +146,8 @@ def build(p: beam.Pipeline, config: RunConfig, run_id: str) -> None:
 
   excluded = [found[EXCLUDED], path_checked[EXCLUDED], read[EXCLUDED],
               header_checked[EXCLUDED], grouped[EXCLUDED], written[EXCLUDED]]
-  seen = ((found.files | "SeenPaths" >> beam.Map(lambda f: f.path),
-           found[EXCLUDED] | "RootPaths" >> beam.Map(lambda e: e.path))
-          | "AllSeen" >> beam.Flatten())
   _ = {
-      "seen": seen,
+      "seen": (found.files, found[EXCLUDED]),
       "files": found.files,
       "excluded": excluded | "AllExcluded" >> beam.Flatten(),
       "stored": written.stored,

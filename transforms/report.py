@@ -163,11 +163,13 @@ class WriteRunReport(beam.PTransform):
     self.collection = collection
 
   def expand(self, parts: Dict[str, Any]):
-    # "seen" holds the path of every listed file, "files" those in entities.
+    # "seen": PCollections with one element per listed file between them
+    # (counted as they are, not flattened first); "files": those in entities.
     facts = [
         # One fact always, so that a run with no input still has a report.
         parts["files"].pipeline | "Start" >> beam.Create([("start", None)]),
-        _facts(parts["seen"], "Seen", "seen"),
+        *[_facts(listed, f"Seen{i}", "seen")
+          for i, listed in enumerate(parts["seen"])],
         _facts(parts["files"], "Entities", "entity", lambda f: f.entity_id),
         _facts(parts["excluded"], "Excluded", "excluded", lambda e: e),
         _facts(parts["stored"], "Studies", "studies", study_summary),
