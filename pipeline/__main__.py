@@ -4,7 +4,12 @@ import logging
 import os
 import sys
 
-from pipeline.run import main
+from pipeline import local_workers
+
+# Before Beam is imported: the workers' imports overlap the driver's.
+local_workers.start_early(sys.argv[1:])
+
+from pipeline.run import main  # pylint: disable=wrong-import-position
 
 
 def exit_now(code: int) -> None:

@@ -3,7 +3,6 @@
 """
 from __future__ import annotations
 
-import ctypes
 import datetime
 import os
 import sys
@@ -16,11 +15,15 @@ from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import (DirectOptions,
                                                   PipelineOptions,
                                                   StandardOptions)
+from apache_beam.portability import python_urns
 from apache_beam.portability.api import beam_provision_api_pb2
 from apache_beam.runners.portability.fn_api_runner import fn_runner
 from apache_beam.runners.portability.portable_runner import JobServiceHandle
 
 from pipeline import __version__
+from pipeline.local_workers import (WarmWorkers, default_worker_count,
+                                    return_large_buffers_to_the_os,
+                                    take_warm_workers)
 from pipeline.options import (OptionsError, RunConfig, StorageOptions,
                               help_text, resolve)
 from transforms.access import AccessError, check_cloud_access, explain_forbidden
@@ -49,41 +52,50 @@ def new_run_id() -> str:
   return now.strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:8]
 
 
-MMAP_THRESHOLD = 256 * 1024
-
-
-def return_large_buffers_to_the_os() -> None:
-  """Large transient buffers (4 MiB reads, compressed chunks, bundles of
-  rows) go straight back to the OS instead of fragmenting glibc's heap,
-  which otherwise made memory grow with the number of images (make
-  bench-memory): this process via mallopt, worker processes (started
-  later) via the environment variable glibc reads at start."""
-  os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(MMAP_THRESHOLD))
-  try:
-    ctypes.CDLL("libc.so.6").mallopt(-3, MMAP_THRESHOLD)  # M_MMAP_THRESHOLD
-  except (OSError, AttributeError):
-    pass  # not glibc: nothing to tune
-
-
 def local_runner(options: PipelineOptions, argv: List[str]):
   """The runner for a DirectRunner run, using every core by default.
 
   Beam's DirectRunner first tries to download the Prism runner binary, which
   fails offline and then falls back to the FnApiRunner for a batch pipeline
   like this one; we build that FnApiRunner directly, the way the DirectRunner
-  does. Other runners (Dataflow ...) are left to Beam: returns None.
+  does, with its worker processes forked from a warm process
+  (pipeline/local_workers.py). Other runners (Dataflow ...) are left to
+  Beam: returns None.
   """
   if options.view_as(StandardOptions).runner not in (None, "DirectRunner"):
     return None
   direct = options.view_as(DirectOptions)
   if not any(a.startswith("--direct_num_workers") for a in argv):
-    direct.direct_num_workers = os.cpu_count() or 1
+    direct.direct_num_workers = default_worker_count()
   if not any(a.startswith("--direct_running_mode") for a in argv):
     direct.direct_running_mode = "multi_processing"
   return_large_buffers_to_the_os()
   encoded = JobServiceHandle.encode_pipeline_options(options.get_all_options())
-  return fn_runner.FnApiRunner(provision_info=fn_runner.ExtendedProvisionInfo(
-      beam_provision_api_pb2.ProvisionInfo(pipeline_options=encoded)))
+  provision_info = fn_runner.ExtendedProvisionInfo(
+      beam_provision_api_pb2.ProvisionInfo(pipeline_options=encoded))
+  if direct.direct_running_mode != "multi_processing":
+    return fn_runner.FnApiRunner(provision_info=provision_info)
+  return _WarmWorkerRunner(
+      take_warm_workers(direct.direct_num_workers or default_worker_count()),
+      provision_info=provision_info)
+
+
+class _WarmWorkerRunner(fn_runner.FnApiRunner):
+  """Beam's FnApiRunner whose worker processes are forked from a warm
+  process (pipeline/local_workers.py) instead of each importing Beam."""
+
+  def __init__(self, warm: WarmWorkers, **kwargs):
+    super().__init__(**kwargs)
+    self._warm = warm
+
+  def run_via_runner_api(self, pipeline_proto, options):
+    for environment in pipeline_proto.components.environments.values():
+      if environment.urn == python_urns.SUBPROCESS_SDK:
+        environment.payload = self._warm.attach_command().encode()
+    try:
+      return super().run_via_runner_api(pipeline_proto, options)
+    finally:
+      self._warm.stop()
 
 
 def check_destination(bucket: str, run_id: str) -> None:

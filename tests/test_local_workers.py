@@ -1,0 +1,73 @@
+"""The local runner's worker processes: forked from the warm process, or
+Beam's own when no warm process answers; nothing left running after."""
+import os
+
+import apache_beam as beam
+import pytest
+from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.testing.util import assert_that
+
+from pipeline import local_workers
+from pipeline.run import local_runner
+
+MULTI_PROCESS = ["--direct_running_mode=multi_processing",
+                 "--direct_num_workers=2"]
+
+
+def _run_on_workers(argv, check):
+  """Runs a small pipeline on the local runner; `check` gets the command
+  lines of the workers' parent processes, in a worker. Returns the
+  runner's warm process."""
+  def parent_command(_) -> str:
+    with open(f"/proc/{os.getppid()}/cmdline", "rb") as f:
+      return f.read().replace(b"\0", b" ").decode()
+
+  options = PipelineOptions(argv)
+  runner = local_runner(options, argv)
+  with beam.Pipeline(runner=runner, options=options) as p:
+    parents = (p | beam.Create(range(8)) | beam.Reshuffle()
+               | beam.Map(parent_command))
+    assert_that(parents, check)
+  return runner._warm  # pylint: disable=protected-access
+
+
+def _gone(warm: local_workers.WarmWorkers) -> bool:
+  return (warm._process.poll() is not None  # pylint: disable=protected-access
+          and not os.path.exists(os.path.dirname(warm.socket_path)))
+
+
+def test_workers_are_forked_from_the_warm_process():
+  def check(parents):
+    assert len(parents) == 8 and all(
+        "pipeline.worker_zygote" in c for c in parents), parents
+  warm = _run_on_workers(MULTI_PROCESS, check)
+  assert _gone(warm)
+
+
+def test_without_a_warm_process_beams_own_workers_run(monkeypatch):
+  """A warm process that is gone (or never answers) costs only the speed."""
+  dead = local_workers.WarmWorkers(2)
+  dead.stop()
+  monkeypatch.setattr(local_workers, "_early", dead)
+  def check(parents):
+    assert len(parents) == 8 and not any(
+        "worker_zygote" in c for c in parents), parents
+  assert _run_on_workers(MULTI_PROCESS, check) is dead
+
+
+CORES = local_workers.default_worker_count()
+
+
+@pytest.mark.parametrize("argv, expected", [
+    ([], CORES),
+    (["--input", "x", "--runner=DirectRunner"], CORES),
+    (["--runner", "DirectRunner", "--direct_running_mode=multi_processing"], CORES),
+    (["--direct_num_workers=3"], 3),
+    (["--direct_num_workers", "0"], CORES),
+    (["--direct_num_workers=x"], 0),
+    (["--runner=DataflowRunner"], 0),
+    (["--direct_running_mode", "in_memory"], 0),
+    (["--direct_running_mode=multi_threading"], 0),
+])
+def test_local_worker_count(argv, expected):
+  assert local_workers.local_worker_count(argv) == expected
