@@ -150,11 +150,12 @@ class _BuildStudy(beam.DoFn):
     self.collection = collection
     self.duplicates = Metrics.counter("studies", "duplicate_instances")
 
-  def process(self, keyed, renames) -> Iterable:
-    (entity_id, study_uid), grouped = keyed
-    flagged = dict(sorted(grouped["flagged"]))
-    current = tuple(sorted(grouped["current"]))
-    images, dropped = drop_flagged_copies(list(grouped["images"]), flagged)
+  def process(self, keyed, renames, flagged_by_study, current_by_study
+              ) -> Iterable:
+    (entity_id, study_uid), images = keyed
+    flagged = dict(sorted(flagged_by_study[(entity_id, study_uid)]))
+    current = tuple(sorted(current_by_study[(entity_id, study_uid)]))
+    images, dropped = drop_flagged_copies(list(images), flagged)
     for excluded in dropped:
       yield beam.pvalue.TaggedOutput(EXCLUDED_TAG, excluded)
     if not images:
@@ -221,10 +222,14 @@ class GroupStudies(beam.PTransform):
   'current': current rows keyed by (entity, study uid), optional} ->
   {'studies': Study, 'excluded': Excluded}.
 
-  The images cross one shuffle only. Name collisions, which are rare, are
-  found on a small (entity, object name) -> study uid index, built from
-  naming facts alone, and applied through a side input as each study is
-  built, so whole studies are neither shuffled nor stored again.
+  The images cross one shuffle only, a GroupByKey of theirs alone: flagged
+  instances and current rows, which are few and small, reach each study
+  as side inputs, since joining them in a CoGroupByKey made the local
+  runner copy every image record once more (its multi-input Flatten is
+  materialized). Name collisions, which are rare, are found on a small
+  (entity, object name) -> study uid index, built from naming facts
+  alone, and applied through a side input as each study is built, so
+  whole studies are neither shuffled nor stored again.
   """
 
   def __init__(self, collection: str):
@@ -247,12 +252,12 @@ class GroupStudies(beam.PTransform):
         | "GroupByObjectName" >> beam.GroupByKey()
         | "Renames" >> beam.FlatMap(_renames))
     built = (
-        {"images": inputs["images"] | "KeyByStudy" >> beam.Map(_by_study),
-         "flagged": flagged,
-         "current": current}
-        | "GroupByStudy" >> beam.CoGroupByKey()
+        inputs["images"]
+        | "KeyByStudy" >> beam.Map(_by_study)
+        | "GroupByStudy" >> beam.GroupByKey()
         | "BuildStudy" >> beam.ParDo(
             _BuildStudy(self.collection),
-            beam.pvalue.AsDict(renames)).with_outputs(
+            beam.pvalue.AsDict(renames), beam.pvalue.AsMultiMap(flagged),
+            beam.pvalue.AsMultiMap(current)).with_outputs(
                 EXCLUDED_TAG, main="studies"))
     return {"studies": built.studies, EXCLUDED_TAG: built[EXCLUDED_TAG]}
