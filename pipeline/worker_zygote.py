@@ -61,18 +61,19 @@ def _run_worker(conn: socket.socket) -> None:
 
 
 def serve(socket_path: str, workers: int) -> None:
-  """Forks `workers` workers, one per request, then exits: the runner asks
-  for them all at once, and an idle warm process would only hold memory.
-  A later request finds no one listening and starts Beam's own worker."""
+  """Forks `workers` - 1 workers, one per request, and becomes the last one
+  itself: the runner asks for them all at once, and an idle warm process
+  would only hold memory. A later request finds no one listening and
+  starts Beam's own worker."""
   listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
   listener.bind(socket_path)  # requests queue here while we import
   listener.listen(64)
   _exit_with_parent()
   for name in WARM_MODULES:
     importlib.import_module(name)
-  for _ in range(workers):
+  for served in range(1, workers + 1):
     conn, _ = listener.accept()
-    if os.fork() == 0:
+    if served == workers or os.fork() == 0:
       listener.close()
       signal.signal(signal.SIGTERM, signal.SIG_DFL)
       _run_worker(conn)

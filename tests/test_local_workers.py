@@ -16,18 +16,18 @@ MULTI_PROCESS = ["--direct_running_mode=multi_processing",
 
 def _run_on_workers(argv, check):
   """Runs a small pipeline on the local runner; `check` gets the command
-  lines of the workers' parent processes, in a worker. Returns the
-  runner's warm process."""
-  def parent_command(_) -> str:
-    with open(f"/proc/{os.getppid()}/cmdline", "rb") as f:
-      return f.read().replace(b"\0", b" ").decode()
+  line of the worker process that handled each element (a forked process
+  keeps the warm process's). Returns the runner's warm process."""
+  def worker_command(_) -> str:
+    with open("/proc/self/cmdline", "rb") as f:
+      return f"{os.getpid()} " + f.read().replace(b"\0", b" ").decode()
 
   options = PipelineOptions(argv)
   runner = local_runner(options, argv)
   with beam.Pipeline(runner=runner, options=options) as p:
-    parents = (p | beam.Create(range(8)) | beam.Reshuffle()
-               | beam.Map(parent_command))
-    assert_that(parents, check)
+    commands = (p | beam.Create(range(8)) | beam.Reshuffle()
+                | beam.Map(worker_command))
+    assert_that(commands, check)
   return runner._warm  # pylint: disable=protected-access
 
 
@@ -36,10 +36,12 @@ def _gone(warm: local_workers.WarmWorkers) -> bool:
           and not os.path.exists(os.path.dirname(warm.socket_path)))
 
 
-def test_workers_are_forked_from_the_warm_process():
-  def check(parents):
-    assert len(parents) == 8 and all(
-        "pipeline.worker_zygote" in c for c in parents), parents
+def test_workers_come_from_the_warm_process():
+  def check(commands):
+    assert len(commands) == 8 and all(
+        "pipeline.worker_zygote" in c for c in commands), commands
+    # Two workers: one forked, and the warm process itself.
+    assert len({c.split()[0] for c in commands}) == 2, commands
   warm = _run_on_workers(MULTI_PROCESS, check)
   assert _gone(warm)
 
@@ -49,9 +51,9 @@ def test_without_a_warm_process_beams_own_workers_run(monkeypatch):
   dead = local_workers.WarmWorkers(2)
   dead.stop()
   monkeypatch.setattr(local_workers, "_early", dead)
-  def check(parents):
-    assert len(parents) == 8 and not any(
-        "worker_zygote" in c for c in parents), parents
+  def check(commands):
+    assert len(commands) == 8 and all(
+        "sdk_worker_main" in c for c in commands), commands
   assert _run_on_workers(MULTI_PROCESS, check) is dead
 
 
