@@ -3,6 +3,7 @@ JSON (transforms/header_json.py) and keep the few values later steps use.
 """
 from __future__ import annotations
 
+import json
 import re
 from typing import Any, Dict, Iterable, Optional, Tuple
 
@@ -122,7 +123,7 @@ def image_record(source: SourceFile, header: Dict[str, Any],
       study_instance_uid=uids["StudyInstanceUID"],
       series_instance_uid=uids["SeriesInstanceUID"],
       sop_instance_uid=uids["SOPInstanceUID"],
-      columns=dicom_columns(header),
+      columns_json=json.dumps(dicom_columns(header), separators=(",", ":")),
       header_packed=pack_text(header_json or serialize(header)),
       transfer_syntax_uid=transfer_syntax_uid,
       item_value=_text(first_value(header, item_tag)),

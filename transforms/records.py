@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import json
 from typing import Optional, Tuple
 
 from isal import isal_zlib
@@ -51,7 +52,10 @@ class ImageRecord:
   study_instance_uid: str
   series_instance_uid: str
   sop_instance_uid: str
-  columns: dict               # typed DICOM columns of the row (schema.py)
+  # The typed DICOM columns of the row (schema.py) as JSON text: a study's
+  # records are held whole while it is grouped and written, and one short
+  # string decodes to ~0.7 kB where a dict of ~30 values took ~3.7 kB.
+  columns_json: str
   # The DICOM JSON model, keyed by tag, no bulk data: as text deflated by
   # pack_text. Records cross several shuffles on their way to the rows, and
   # headers are most of their bytes (4.5x fewer this way).
@@ -63,6 +67,10 @@ class ImageRecord:
   @property
   def header_json(self) -> str:
     return unpack_text(self.header_packed)
+
+  @property
+  def columns(self) -> dict:
+    return json.loads(self.columns_json)
 
 
 @dataclasses.dataclass(frozen=True)
