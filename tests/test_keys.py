@@ -34,7 +34,9 @@ def test_collection_must_be_a_dataset_name(value):
 @pytest.mark.parametrize("raw,expected", [
     ("20070904", "20070904"), (" 20070904 ", "20070904"),
     ("20070931", STUDY_DATE_PLACEHOLDER), ("2007-09-04", STUDY_DATE_PLACEHOLDER),
-    ("", STUDY_DATE_PLACEHOLDER), (None, STUDY_DATE_PLACEHOLDER)])
+    ("", STUDY_DATE_PLACEHOLDER), (None, STUDY_DATE_PLACEHOLDER),
+    # Digits of other scripts are not a date for a key (only 0-9 are).
+    ("\u0662\u0660\u0660\u0667\u0660\u0669\u0660\u0664", STUDY_DATE_PLACEHOLDER)])
 def test_study_date_component(raw, expected):
   assert study_date_component(raw) == expected
 

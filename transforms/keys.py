@@ -8,7 +8,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import re
-from typing import Optional
+from typing import Any, Optional
 
 # A study without a (valid) StudyDate is stored under this date.
 STUDY_DATE_PLACEHOLDER = "00000000"
@@ -50,14 +50,25 @@ def check_collection(value: Optional[str]) -> str:
   return value
 
 
+_YYYYMMDD = re.compile(r"[0-9]{8}\Z")
+
+
+def calendar_date(value: Any) -> Optional[datetime.date]:
+  """The day a DICOM DA value 'YYYYMMDD' names, or None for anything else.
+  (No strptime: it costs ~10x more, on every image.)"""
+  text = str(value).strip()
+  if not _YYYYMMDD.match(text):
+    return None
+  try:
+    return datetime.date(int(text[:4]), int(text[4:6]), int(text[6:]))
+  except ValueError:   # no such day
+    return None
+
+
 def study_date_component(study_date: Optional[str]) -> str:
   """YYYYMMDD when StudyDate is a real calendar date, else the placeholder."""
-  if study_date and re.fullmatch(r"\d{8}", study_date.strip()):
-    try:
-      datetime.datetime.strptime(study_date.strip(), "%Y%m%d")
-      return study_date.strip()
-    except ValueError:
-      pass
+  if study_date and calendar_date(study_date):
+    return study_date.strip()
   return STUDY_DATE_PLACEHOLDER
 
 

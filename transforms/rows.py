@@ -5,15 +5,14 @@ as written, in `metadata`.
 """
 from __future__ import annotations
 
-import datetime
 import math
-import re
 from typing import Any, Dict, Iterable, List, Optional
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 from pydicom.datadict import tag_for_keyword
 
+from transforms.keys import calendar_date
 from transforms.records import ImageRecord, MemberLocation, StoredStudy
 from transforms.schema import DICOM_COLUMNS
 
@@ -51,19 +50,10 @@ def _float(v: Any) -> Optional[float]:
   return f if math.isfinite(f) else None
 
 
-_DA = re.compile(r"[0-9]{8}\Z")
-
-
 def _date(v: Any) -> Optional[str]:
   """DICOM DA 'YYYYMMDD' -> 'YYYY-MM-DD'; None for anything else."""
-  text = str(v).strip()
-  if not _DA.match(text):
-    return None
-  try:
-    return datetime.date(int(text[:4]), int(text[4:6]),
-                         int(text[6:])).isoformat()
-  except ValueError:   # no such day
-    return None
+  day = calendar_date(v)
+  return day.isoformat() if day else None
 
 
 _CONVERT = {"STRING": _string, "INTEGER": _integer, "FLOAT": _float,
