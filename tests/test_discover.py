@@ -1,10 +1,14 @@
+import os
+
 import apache_beam as beam
 import pytest
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 from transforms.discover import (DiscoverEntityFiles, InputError,
-                                 check_input_roots, split_input_roots)
+                                 check_input_roots, check_inside_root,
+                                 split_input_roots)
+from transforms.keys import UnsafeKeyComponent
 from transforms.records import REJECTED, Excluded, SourceFile
 
 
@@ -66,3 +70,22 @@ def test_an_entity_list_limits_the_listing(tmp_path):
     found = p | DiscoverEntityFiles([root], entities=["E2", "E9"])
     assert_that(found.files | beam.Map(lambda f: f.path),
                 equal_to([f"{root}/E2/z.dcm"]))
+
+
+def test_check_inside_root_follows_only_links_below_the_root(tmp_path):
+  outside = tmp_path / "outside"
+  (outside / "d").mkdir(parents=True)
+  (outside / "d" / "secret.dcm").write_bytes(b"x")
+  real_root = tmp_path / "real_root"
+  (real_root / "E" / "s").mkdir(parents=True)
+  (real_root / "E" / "s" / "a.dcm").write_bytes(b"x")
+  os.symlink(outside / "d", real_root / "E" / "dir_out")
+  os.symlink(outside / "d" / "secret.dcm", real_root / "E" / "s" / "file_out")
+  os.symlink(real_root / "E" / "s", real_root / "E" / "dir_in")
+  os.symlink(real_root, tmp_path / "root_link")   # the root itself via a link
+  for root in (str(real_root), str(tmp_path / "root_link")):
+    check_inside_root(root, f"{root}/E/s/a.dcm")
+    check_inside_root(root, f"{root}/E/dir_in/a.dcm")
+    for escaping in ("E/dir_out/secret.dcm", "E/s/file_out"):
+      with pytest.raises(UnsafeKeyComponent, match="outside the input root"):
+        check_inside_root(root, f"{root}/{escaping}")
