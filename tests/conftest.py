@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import List
 
 import pytest
+from apache_beam.testing.test_pipeline import TestPipeline
 
 from devtools.sample_data import build_sample
 from pipeline.run import run
@@ -14,6 +15,13 @@ from pipeline.run import run
 # Tests run the DirectRunner in one process unless they ask for more: the
 # multi-process mode is covered by its own end-to-end test.
 IN_PROCESS = ["--direct_num_workers=1", "--direct_running_mode=in_memory"]
+
+
+def local_pipeline() -> TestPipeline:
+  """A TestPipeline on the FnApiRunner, which Beam's DirectRunner falls back
+  to offline anyway: its first try, the Prism runner, fails without a
+  download and leaves a beam-temp* folder in /tmp on every pipeline."""
+  return TestPipeline(runner="FnApiRunner")
 
 
 @pytest.fixture(scope="session")

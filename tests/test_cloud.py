@@ -14,10 +14,9 @@ from pathlib import Path
 
 import apache_beam as beam
 import pytest
-from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from conftest import IN_PROCESS, PROJECT
+from conftest import IN_PROCESS, PROJECT, local_pipeline
 from pipeline.run import run
 from transforms.bigquery import (WriteRowsBigQuery, bigquery_client,
                                  ensure_dataset_and_view)
@@ -159,7 +158,7 @@ def test_rows_that_do_not_fit_go_to_the_dead_letter_output(emulators):
   ensure_dataset_and_view(f"{PROJECT}:DEADLETTER.dicom")
   good = json.loads((REPO / "tests" / "data" / "row.json").read_text())
   bad_schema = {**good, "Rows": "many"}
-  with TestPipeline() as p:
+  with local_pipeline() as p:
     checked = p | beam.Create([good, bad_schema]) | CheckRows()
     refused = checked.valid | WriteRowsBigQuery(f"{PROJECT}:DEADLETTER.dicom")
     assert_that(checked.dead_letter | beam.Map(lambda d: d["stage"]),
@@ -167,7 +166,7 @@ def test_rows_that_do_not_fit_go_to_the_dead_letter_output(emulators):
     assert_that(refused, equal_to([]), label="refused")
   # A row that slips past the check but BigQuery refuses is returned too.
   refused_row = {**good, "StudyDate": "2019-13-45"}
-  with TestPipeline() as p:
+  with local_pipeline() as p:
     refused = (p | beam.Create([refused_row])
                | WriteRowsBigQuery(f"{PROJECT}:DEADLETTER.dicom"))
     assert_that(refused | beam.Map(lambda d: (d["stage"], d["sop_instance_uid"])),

@@ -1,10 +1,10 @@
 
 import pydicom
-from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 from apache_beam import Create, Map
 from pydicom.data import get_testdata_file
 
+from conftest import local_pipeline
 from transforms.dicom import ReadHeaders, read_image_record
 from transforms.records import REJECTED, SourceFile
 
@@ -34,7 +34,7 @@ def test_read_headers_routes_bad_files(tmp_path):
   ds.save_as(tmp_path / "nosop.dcm")
   sources = [_source(good)] + [_source(tmp_path / n) for n in
                                ("note.txt", "empty.dcm", "nosop.dcm")]
-  with TestPipeline() as p:
+  with local_pipeline() as p:
     out = p | Create(sources) | ReadHeaders()
     assert_that(out.images | Map(lambda r: r.source.relpath),
                 equal_to(["CT_small.dcm"]), label="images")

@@ -2,9 +2,9 @@ import os
 
 import apache_beam as beam
 import pytest
-from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
+from conftest import local_pipeline
 from transforms.discover import (DiscoverEntityFiles, InputError,
                                  check_input_roots, check_inside_root,
                                  split_input_roots)
@@ -22,7 +22,7 @@ def _tree(root):
 def test_files_are_split_into_entity_and_path(tmp_path):
   _tree(tmp_path / "r")
   root = str(tmp_path / "r")
-  with TestPipeline() as p:
+  with local_pipeline() as p:
     found = p | DiscoverEntityFiles([root])
     assert_that(found.files, equal_to([
         SourceFile(f"{root}/E1/a/b/x.dcm", "E1", "a/b/x.dcm", 5),
@@ -38,7 +38,7 @@ def test_files_are_split_into_entity_and_path(tmp_path):
 def test_globbed_roots_keep_their_depth(tmp_path):
   for day in ("2024-01-01", "2024-01-02"):
     _tree(tmp_path / day)
-  with TestPipeline() as p:
+  with local_pipeline() as p:
     found = p | DiscoverEntityFiles([str(tmp_path / "2024-*")])
     entities = found.files | beam.Map(lambda f: (f.entity_id, f.relpath))
     assert_that(entities, equal_to(
@@ -66,7 +66,7 @@ def test_check_input_roots(tmp_path):
 def test_an_entity_list_limits_the_listing(tmp_path):
   _tree(tmp_path / "r")
   root = str(tmp_path / "r")
-  with TestPipeline() as p:
+  with local_pipeline() as p:
     found = p | DiscoverEntityFiles([root], entities=["E2", "E9"])
     assert_that(found.files | beam.Map(lambda f: f.path),
                 equal_to([f"{root}/E2/z.dcm"]))

@@ -1,7 +1,7 @@
 from apache_beam import Create, Map
-from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
+from conftest import local_pipeline
 from transforms.phi import FlagPhiByHeader, FlagPhiByPath
 from transforms.dicom import image_record
 from transforms.records import FLAGGED, SourceFile
@@ -22,7 +22,7 @@ def _img(relpath, burned):
 def test_phi_folder_at_any_depth_is_flagged():
   files = [_src("a.dcm"), _src("PHI/a.dcm"), _src("x/y/PHI/z/a.dcm"),
            _src("PHIX/a.dcm"), _src("phi/a.dcm"), _src("x/PHI.dcm")]
-  with TestPipeline() as p:
+  with local_pipeline() as p:
     out = p | Create(files) | FlagPhiByPath()
     assert_that(out.kept | Map(lambda s: s.relpath),
                 equal_to(["a.dcm", "PHIX/a.dcm", "phi/a.dcm", "x/PHI.dcm"]),
@@ -36,7 +36,7 @@ def test_phi_folder_at_any_depth_is_flagged():
 def test_burned_in_annotation_yes_is_flagged_whatever_its_case():
   images = [_img("1", "YES"), _img("2", " yes "), _img("3", "NO"),
             _img("4", None), _img("5", "Yes")]
-  with TestPipeline() as p:
+  with local_pipeline() as p:
     out = p | Create(images) | FlagPhiByHeader()
     assert_that(out.kept | Map(lambda i: i.sop_instance_uid),
                 equal_to(["3", "4"]), label="kept")
@@ -46,7 +46,7 @@ def test_burned_in_annotation_yes_is_flagged_whatever_its_case():
 
 
 def test_rules_can_be_switched_off():
-  with TestPipeline() as p:
+  with local_pipeline() as p:
     out = p | Create([_img("1", "YES")]) | FlagPhiByHeader(["folder"])
     assert_that(out.kept | Map(lambda i: i.sop_instance_uid), equal_to(["1"]))
 
@@ -80,7 +80,7 @@ LABEL Any CT from our lab scanner
 
 
 def test_deid_rule_with_a_recipe_file_flags_through_the_transform():
-  with TestPipeline() as p:
+  with local_pipeline() as p:
     out = p | Create([_ct_image()]) | FlagPhiByHeader(
         ["deid"], deid_recipe_text=RECIPE)
     assert_that(out.kept, equal_to([]), label="kept")

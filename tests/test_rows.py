@@ -1,9 +1,9 @@
 import json
 
 from apache_beam import Create
-from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
+from conftest import local_pipeline
 from transforms.dicom import image_record
 from transforms.records import (MemberLocation, ObjectLocation,
                                 SourceFile, StoredStudy, Study)
@@ -51,7 +51,7 @@ def test_dates_are_read_only_as_dicom_dates():
 
 
 def test_built_rows_fit_the_schema():
-  with TestPipeline() as p:
+  with local_pipeline() as p:
     rows = p | Create([_stored()]) | BuildRows("C", "run1", "0.1.0")
     checked = rows | CheckRows()
     assert_that(checked.dead_letter, equal_to([]), label="no dead letters")
@@ -67,7 +67,7 @@ def test_rows_that_do_not_fit_go_to_the_dead_letter_output():
   assert "extra: not in the schema" in errors
   assert any(e.startswith("Rows:") for e in errors)
   assert any(e == "storage: required but missing" for e in errors)
-  with TestPipeline() as p:
+  with local_pipeline() as p:
     checked = p | Create([bad]) | CheckRows()
     assert_that(checked.valid, equal_to([]), label="valid")
     assert_that(checked.dead_letter | __import__("apache_beam").Map(

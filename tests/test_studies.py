@@ -1,9 +1,9 @@
 from apache_beam import Create, Map
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
+from conftest import local_pipeline
 from transforms.dicom import image_record
 from transforms.records import REJECTED, SourceFile
 from transforms.studies import (GroupStudies, build_study,
@@ -26,7 +26,7 @@ def test_images_group_into_studies_with_their_object_keys():
   images = [_img("E1", "b.dcm", "1.1", "s2", "ACC1"),
             _img("E1", "a.dcm", "1.1", "s1", "ACC1"),
             _img("E2", "c.dcm", "2.1", "s3", None, date="bad")]
-  with TestPipeline() as p:
+  with local_pipeline() as p:
     out = _group(p, images)
     assert_that(out["studies"] | Map(lambda s: (
         s.object_key, [i.source.relpath for i in s.images])), equal_to([
@@ -46,7 +46,7 @@ def test_a_copy_of_a_flagged_instance_is_flagged_too():
   images = [_img("E1", "a.dcm", "1.1", "s1", "A"),
             _img("E1", "b.dcm", "1.1", "s2", "A")]
   flagged = [_img("E1", "PHI/a.dcm", "1.1", "s1", "A")]
-  with TestPipeline() as p:
+  with local_pipeline() as p:
     out = _group(p, images, flagged)
     assert_that(out["studies"] | Map(lambda s: [i.sop_instance_uid
                                                 for i in s.images]),
@@ -65,7 +65,7 @@ def _short(uid):
 def test_duplicate_sop_instances_keep_the_first_path():
   images = [_img("E1", "z.dcm", "1.1", "s1", "A"),
             _img("E1", "a.dcm", "1.1", "s1", "A")]
-  with TestPipeline() as p:
+  with local_pipeline() as p:
     out = _group(p, images)
     assert_that(out["studies"] | Map(lambda s: [i.source.relpath
                                                 for i in s.images]),
@@ -77,7 +77,7 @@ def test_duplicate_sop_instances_keep_the_first_path():
 def test_studies_that_would_share_a_name_both_survive():
   images = [_img("E1", "a.dcm", "1.1", "s1", "SAME"),
             _img("E1", "b.dcm", "1.2", "s2", "SAME")]
-  with TestPipeline() as p:
+  with local_pipeline() as p:
     out = _group(p, images)
     assert_that(out["studies"] | Map(lambda s: s.item_id), equal_to([
         "SAME-" + _short("1.1")[:8], "SAME-" + _short("1.2")[:8]]))
@@ -85,7 +85,7 @@ def test_studies_that_would_share_a_name_both_survive():
 
 def test_an_unsafe_item_id_rejects_the_study():
   images = [_img("E1", "a.dcm", "1.1", "s1", "../../etc")]
-  with TestPipeline() as p:
+  with local_pipeline() as p:
     out = _group(p, images)
     assert_that(out["studies"], equal_to([]), label="studies")
     assert_that(out["excluded"] | Map(lambda e: e.reason), equal_to([
@@ -100,7 +100,7 @@ def test_a_name_shared_only_once_flagged_copies_are_dropped_is_told_apart():
             _img("E1", "b.dcm", "1.1", "s2", "ACC2"),
             _img("E1", "c.dcm", "1.2", "s3", "ACC2")]
   flagged = [_img("E1", "PHI/a.dcm", "1.1", "s1", "ACC1")]
-  with TestPipeline() as p:
+  with local_pipeline() as p:
     out = _group(p, images, flagged)
     assert_that(out["studies"] | Map(lambda s: s.item_id), equal_to([
         "ACC2-" + _short("1.1")[:8], "ACC2-" + _short("1.2")[:8]]))
