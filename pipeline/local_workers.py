@@ -5,7 +5,8 @@ Each of Beam's worker processes imports Beam and our transforms, ~2 s of
 one core, and the runner starts them only once the graph is built: ~10% of
 a run over a few thousand images. Here one warm process
 (pipeline/worker_zygote.py) does those imports while the driver is still
-importing and building, then forks the workers the runner asks for. The
+importing and building, then forks the workers the runner asks for (and
+becomes the last one itself). The
 runner still starts and stops workers its own way; only the command it
 runs for each changes (pipeline/worker_attach.py), and that command falls
 back to Beam's own worker when no warm process answers.
@@ -101,7 +102,7 @@ _early: Optional[WarmWorkers] = None
 def start_early(argv: List[str]) -> None:
   """Called by the command line before it imports Beam."""
   global _early  # pylint: disable=global-statement
-  workers = local_worker_count(argv)
+  workers = 0 if {"--help", "-h"} & set(argv) else local_worker_count(argv)
   if _early is None and workers:
     _early = WarmWorkers(workers)
 

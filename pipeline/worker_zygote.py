@@ -1,9 +1,11 @@
-"""A warm worker: imports Beam's worker and this pipeline's transforms once,
-then forks one ready worker per request on its socket.
+"""The warm worker process: imports Beam's worker and this pipeline's
+transforms once, then, per request on its socket, forks a ready worker (the
+last request it serves itself).
 
-`python -m pipeline.worker_zygote SOCKET WORKERS`, started by pipeline/local_workers.py
-at the start of a local run, so that the ~2 s of imports each worker would
-otherwise spend after the graph is built happen while the driver builds it.
+`python -m pipeline.worker_zygote SOCKET WORKERS`, started by
+pipeline/local_workers.py at the start of a local run, so that the ~2 s of
+imports each worker would otherwise spend after the graph is built happen
+while the driver builds it.
 """
 import ctypes
 import gc

@@ -223,10 +223,10 @@ class GroupStudies(beam.PTransform):
   {'studies': Study, 'excluded': Excluded}.
 
   The images cross one shuffle only, a GroupByKey of theirs alone: flagged
-  instances and current rows, which are few and small, reach each study
-  as side inputs, since joining them in a CoGroupByKey made the local
-  runner copy every image record once more (its multi-input Flatten is
-  materialized). Name collisions, which are rare, are found on a small
+  instances and current rows, small tuples, reach each study through
+  side inputs looked up by study, since joining them in a CoGroupByKey
+  made the local runner copy every image record once more (its
+  multi-input Flatten is materialized). Name collisions, which are rare, are found on a small
   (entity, object name) -> study uid index, built from naming facts
   alone, and applied through a side input as each study is built, so
   whole studies are neither shuffled nor stored again.
