@@ -1,6 +1,9 @@
 """The local runner's worker processes: forked from the warm process, or
 Beam's own when no warm process answers; nothing left running after."""
 import os
+import socket
+import subprocess
+import sys
 
 import apache_beam as beam
 import pytest
@@ -73,3 +76,20 @@ CORES = local_workers.default_worker_count()
 ])
 def test_local_worker_count(argv, expected):
   assert local_workers.local_worker_count(argv) == expected
+
+
+def test_a_silent_warm_process_is_given_up_for_beams_own_worker(tmp_path):
+  """The attach command waits for a stuck warm process only so long, then
+  runs Beam's worker (which here, without a runner, stops at once)."""
+  path = str(tmp_path / "silent.sock")
+  silent = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+  silent.bind(path)
+  silent.listen(1)   # accepts the connection, never answers
+  try:
+    done = subprocess.run(
+        [sys.executable, "-I", "-S", local_workers.ATTACH_SCRIPT, path, "1"],
+        capture_output=True, text=True, timeout=120, check=False)
+  finally:
+    silent.close()
+  assert done.returncode != 0
+  assert "sdk_worker_main" in done.stderr, done.stderr[-2000:]
