@@ -1,9 +1,9 @@
 """Group kept images into studies and give each study its object key.
 
 Groupings over small records only (never pixel data):
-1. by (entity, StudyInstanceUID), joined with flagged copies and the study's
-   current rows: one Study per study, duplicate SOP instances resolved,
-   study date and item id chosen;
+1. by (entity, StudyInstanceUID), with the study's flagged copies and
+   current rows looked up in side inputs: one Study per study, duplicate
+   SOP instances resolved, study date and item id chosen;
 2. by (entity, object name), on an index of names only: two different
    studies that would get the same object name are told apart by a suffix
    derived from their UIDs, so neither overwrites the other and the outcome
@@ -95,15 +95,18 @@ def build_study(collection: str, entity_id: str, study_uid: str,
   path below the entity folder is kept, the others are rejected: a stored
   study never holds two copies of one instance.
   """
-  ordered = sorted(images, key=lambda i: (_fact_order(naming_facts(i)),
-                                          i.source.path))
-  kept, later = _first_copies(ordered)
+  # Each image's naming facts once: they order the images, and the same
+  # study_name_parts the naming index uses names the study from them.
+  with_facts = sorted(((naming_facts(image), image) for image in images),
+                      key=lambda pair: (_fact_order(pair[0]),
+                                        pair[1].source.path))
+  kept, later = _first_copies(image for _, image in with_facts)
   duplicates = [Excluded(image.source.path, entity_id, REJECTED,
                          f"duplicate SOPInstanceUID {image.sop_instance_uid}: "
                          f"{first.source.relpath} is stored instead")
                 for image, first in later]
   study_date, item_id = study_name_parts(study_uid,
-                                         map(naming_facts, kept))
+                                         (fact for fact, _ in with_facts))
   study = Study(entity_id=entity_id, study_instance_uid=study_uid,
                 study_date=study_date, item_id=item_id,
                 object_key=study_object_key(collection, entity_id, study_date,
@@ -226,10 +229,10 @@ class GroupStudies(beam.PTransform):
   instances and current rows, small tuples, reach each study through
   side inputs looked up by study, since joining them in a CoGroupByKey
   made the local runner copy every image record once more (its
-  multi-input Flatten is materialized). Name collisions, which are rare, are found on a small
-  (entity, object name) -> study uid index, built from naming facts
-  alone, and applied through a side input as each study is built, so
-  whole studies are neither shuffled nor stored again.
+  multi-input Flatten is materialized). Name collisions, which are rare,
+  are found on a small (entity, object name) -> study uid index, built
+  from naming facts alone, and applied through a side input as each
+  study is built, so whole studies are neither shuffled nor stored again.
   """
 
   def __init__(self, collection: str):
