@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime
 import os
 import sys
+import tempfile
 import uuid
 from typing import List, Optional
 
@@ -13,6 +14,7 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import (DirectOptions,
+                                                  GoogleCloudOptions,
                                                   PipelineOptions,
                                                   StandardOptions)
 from apache_beam.portability import python_urns
@@ -25,7 +27,7 @@ from pipeline.local_workers import (WarmWorkers, default_worker_count,
                                     return_large_buffers_to_the_os,
                                     take_warm_workers)
 from pipeline.options import (OptionsError, RunConfig, StorageOptions,
-                              help_text, resolve)
+                              absolute_path, help_text, resolve)
 from transforms.access import AccessError, check_cloud_access, explain_forbidden
 from transforms.archive import WriteStudyArchive
 from transforms.bigquery import WriteRowsBigQuery, ensure_dataset_and_view
@@ -42,6 +44,7 @@ from transforms.report import (WriteRunReport, format_summary, read_report,
                                write_report)
 from transforms.rows import BuildRows
 from transforms.sinks import CheckRows, WriteDeadLetters, WriteRowsLocal
+from transforms.spill import DeleteSpill, SpillHeaders, delete_spill
 from transforms.studies import GroupStudies
 
 EXCLUDED = "excluded"
@@ -98,6 +101,20 @@ class _WarmWorkerRunner(fn_runner.FnApiRunner):
       self._warm.stop()
 
 
+def header_spill_dir(options: PipelineOptions, run_id: str, local: bool
+                     ) -> str:
+  """Where headers wait while images are grouped: under --temp_location,
+  which remote workers share; a local run may use the local temp folder."""
+  temp = options.view_as(GoogleCloudOptions).temp_location
+  if not temp:
+    if not local:
+      raise OptionsError("--temp_location is required with --runner "
+                         f"{options.view_as(StandardOptions).runner}: "
+                         "headers wait there while images are grouped")
+    temp = tempfile.gettempdir()
+  return join_uri(absolute_path(temp), f"dicomstore-headers-{run_id}")
+
+
 def check_destination(bucket: str, run_id: str) -> None:
   """Fails fast when the bucket cannot take an object (a probe is written
   and deleted, outside the key schema)."""
@@ -119,8 +136,10 @@ def check_destination(bucket: str, run_id: str) -> None:
                        ) from e
 
 
-def build(p: beam.Pipeline, config: RunConfig, run_id: str) -> None:
-  """The graph, in the order the product is described."""
+def build(p: beam.Pipeline, config: RunConfig, run_id: str,
+          spill_dir: str) -> None:
+  """The graph, in the order the product is described; headers wait in
+  spill_dir, a folder of this run alone."""
   found = p | "Discover" >> DiscoverEntityFiles(config.input_roots,
                                                config.entities)
   path_checked = found.files | "FlagPhiByPath" >> FlagPhiByPath(
@@ -137,13 +156,16 @@ def build(p: beam.Pipeline, config: RunConfig, run_id: str) -> None:
       header_checked.flagged) | "AllFlagged" >> beam.Flatten()
   current = p | "ReadCurrentRows" >> ReadCurrentRows(
       config.bigquery_table, config.metadata_output, config.overwrite)
-  grouped = {"images": header_checked.kept, "flagged": flagged_images,
+  # Headers wait in files while images are grouped (transforms/spill.py).
+  spilled = header_checked.kept | "SpillHeaders" >> SpillHeaders(spill_dir)
+  grouped = {"images": spilled, "flagged": flagged_images,
              "current": current} | "GroupStudies" >> GroupStudies(
                  config.collection)
   written = grouped["studies"] | "WriteStudyArchive" >> WriteStudyArchive(
       config.bucket, config.compression_level, config.overwrite)
   rows = written.stored | "BuildRows" >> BuildRows(
-      config.collection, run_id, __version__)
+      config.collection, run_id, __version__, spill_dir.startswith("gs://"))
+  _ = rows | "DeleteSpill" >> DeleteSpill(spill_dir)
   checked = rows | "CheckRows" >> CheckRows()
   if config.metadata_output:
     checked.valid | "WriteRowsLocal" >> WriteRowsLocal(
@@ -201,10 +223,16 @@ def run(argv: Optional[List[str]] = None) -> dict:
           f"{explain_forbidden(e, table=config.bigquery_table)}") from e
   # Workers apply the emulator wiring too (no-op in production).
   options = PipelineOptions(argv + worker_plugin_args())
-  p = beam.Pipeline(runner=local_runner(options, argv), options=options)
-  build(p, config, run_id)
-  result = p.run()
-  result.wait_until_finish()
+  runner = local_runner(options, argv)
+  spill_dir = header_spill_dir(options, run_id, local=runner is not None)
+  p = beam.Pipeline(runner=runner, options=options)
+  build(p, config, run_id, spill_dir)
+  try:
+    result = p.run()
+    result.wait_until_finish()
+  finally:
+    if runner is not None:   # the pipeline deletes it, unless it failed
+      delete_spill(spill_dir)
 
   report = read_report(config.report)
   report["summary"]["input_bytes_read"] = (

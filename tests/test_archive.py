@@ -11,7 +11,8 @@ import pytest
 from invariants import read_member_at
 from transforms.archive import (MANIFEST_NAME, StudyArchiveWriter,
                                 write_study_archive)
-from transforms.records import ImageRecord, SourceFile, Study, pack_text
+from transforms.records import (HeaderPart, ImageRecord, SourceFile, Study,
+                                pack_text)
 
 
 def _study(tmp_path, contents):
@@ -22,7 +23,8 @@ def _study(tmp_path, contents):
     images.append(ImageRecord(
         source=SourceFile(str(path), "E1", f"s/f{i}.dcm", len(data)),
         study_instance_uid="1.2", series_instance_uid="1.2.3",
-        sop_instance_uid=f"1.2.3.{i}", columns_json="{}", header_packed=pack_text("{}")))
+        sop_instance_uid=f"1.2.3.{i}",
+        header=HeaderPart(columns_json="{}", header_packed=pack_text("{}"))))
   return Study("E1", "1.2", "20200101", "A1",
                "Collection/C/Entity/E1/E1_20200101_A1.tar.gz", tuple(images))
 

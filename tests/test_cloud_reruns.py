@@ -93,11 +93,13 @@ def test_changed_study_rewrites_only_its_object(emulators, sample, tmp_path):
 @pytest.mark.parametrize("crash_at", ["archive_member:4", "object_written:1",
                                       "object_written:6"])
 def test_killed_run_then_rerun_equals_clean_run(emulators, sample, clean,
-                                                crash_at):
+                                                crash_at, tmp_path):
   root, _ = sample
   name = "kill" + crash_at.replace("_", "").replace(":", "")
   emulators["create_bucket"](name)
-  argv = [sys.executable, "-m", "pipeline", *_argv(root, name)]
+  # A killed run cannot delete its header spill: keep it in tmp_path.
+  argv = [sys.executable, "-m", "pipeline", *_argv(root, name),
+          f"--temp_location={tmp_path}"]
   killed = subprocess.run(argv, cwd=REPO, capture_output=True, text=True,
                           env={**os.environ, "DICOM_STORAGE_CRASH_AT": crash_at})
   assert killed.returncode == -9, killed.stderr[-3000:]

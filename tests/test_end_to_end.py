@@ -60,8 +60,11 @@ def test_multi_process_run(sample, tmp_path):
   """Anything that cannot be pickled to a worker fails here, not on Dataflow."""
   root, _ = sample
   report = run_pipeline(root, tmp_path, "--direct_running_mode=multi_processing",
-                        "--direct_num_workers=2")
+                        "--direct_num_workers=2",
+                        f"--temp_location={tmp_path / 'temp'}")
   check_run(root, tmp_path / "bucket", read_rows(tmp_path / "metadata"), report)
+  # Headers waited under --temp_location while grouped, and are gone.
+  assert not list((tmp_path / "temp").glob("dicomstore-headers-*"))
 
 
 def _unseen_tree(root: Path) -> None:

@@ -36,7 +36,7 @@ def _stored():
 
 
 def test_typed_columns_are_null_where_values_do_not_fit():
-  cols = _stored().study.images[0].columns
+  cols = _stored().study.images[0].header.columns
   assert cols["StudyDate"] is None and cols["SliceThickness"] is None
   assert cols["Modality"] == "CT" and cols["Rows"] == 512
   assert cols["ImageType"] == ["ORIGINAL", "PRIMARY"]
@@ -97,5 +97,6 @@ def test_rows_over_the_size_limit_are_refused_even_when_escaping_makes_them_so()
 def build_row_for_size_test():
   from transforms.rows import build_row
   stored = _stored()
-  return build_row("C", stored, stored.study.images[0], stored.members[0],
+  image = stored.study.images[0]
+  return build_row("C", stored, image, image.header, stored.members[0],
                    "run1", "0.1.0")

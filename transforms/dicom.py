@@ -18,8 +18,8 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
 from transforms.header_json import header_and_text, serialize
-from transforms.records import (REJECTED, Excluded, ImageRecord, SourceFile,
-                                pack_text)
+from transforms.records import (REJECTED, Excluded, HeaderPart, ImageRecord,
+                                SourceFile, pack_text)
 from transforms.rows import dicom_columns
 
 EXCLUDED_TAG = "excluded"
@@ -118,13 +118,16 @@ def image_record(source: SourceFile, header: Dict[str, Any],
                        f"{value!r:.40} is not a UID")
     uids[name] = value
   burned = header.get(_BURNED_IN_ANNOTATION, {}).get("Value") or [None]
+  columns = dicom_columns(header)
   return ImageRecord(
       source=source,
       study_instance_uid=uids["StudyInstanceUID"],
       series_instance_uid=uids["SeriesInstanceUID"],
       sop_instance_uid=uids["SOPInstanceUID"],
-      columns_json=json.dumps(dicom_columns(header), separators=(",", ":")),
-      header_packed=pack_text(header_json or serialize(header)),
+      header=HeaderPart(
+          columns_json=json.dumps(columns, separators=(",", ":")),
+          header_packed=pack_text(header_json or serialize(header))),
+      study_date=columns.get("StudyDate"),
       transfer_syntax_uid=transfer_syntax_uid,
       item_value=_text(first_value(header, item_tag)),
       burned_in_annotation=_text(burned[0]))

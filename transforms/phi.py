@@ -77,7 +77,7 @@ class DeidRecipeRule:
     # The header's DICOM JSON, minus values kept only as raw text; deid takes
     # a FileDataset as already read.
     ds = FileDataset("", Dataset.from_json(
-        {k: v for k, v in json.loads(image.header_json).items()
+        {k: v for k, v in json.loads(image.header.header_json).items()
          if not v.get("InvalidValue")}),
         file_meta=FileMetaDataset(), preamble=None)
     result = has_burned_pixels(ds, deid=self._recipe)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 from isal import isal_zlib
 
@@ -45,24 +45,14 @@ class Excluded:
 
 
 @dataclasses.dataclass(frozen=True)
-class ImageRecord:
-  """A readable DICOM image: identifiers, the few values later steps use,
-  and its whole header, serialized once (cheap to pickle and group)."""
-  source: SourceFile
-  study_instance_uid: str
-  series_instance_uid: str
-  sop_instance_uid: str
-  # The typed DICOM columns of the row (schema.py) as JSON text: a study's
-  # records are held whole while it is grouped and written, and one short
+class HeaderPart:
+  """What a row takes from an image's header, beyond its identifiers."""
+  # The typed DICOM columns of the row (schema.py) as JSON text: one short
   # string decodes to ~0.7 kB where a dict of ~30 values took ~3.7 kB.
   columns_json: str
   # The DICOM JSON model, keyed by tag, no bulk data: as text deflated by
-  # pack_text. Records cross several shuffles on their way to the rows, and
-  # headers are most of their bytes (4.5x fewer this way).
+  # pack_text (4.5x fewer bytes to carry or set aside).
   header_packed: bytes
-  transfer_syntax_uid: Optional[str] = None
-  item_value: Optional[str] = None           # value of the --item_id keyword
-  burned_in_annotation: Optional[str] = None  # as written, even if invalid
 
   @property
   def header_json(self) -> str:
@@ -71,6 +61,32 @@ class ImageRecord:
   @property
   def columns(self) -> dict:
     return json.loads(self.columns_json)
+
+
+@dataclasses.dataclass(frozen=True)
+class SpilledHeader:
+  """Where transforms/spill.py set an image's HeaderPart aside: bytes
+  [offset, offset + length) of one file."""
+  path: str
+  offset: int
+  length: int
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageRecord:
+  """A readable DICOM image: identifiers, the few values later steps use,
+  and its header for the row: in the record as read, then set aside
+  (transforms/spill.py) before images are grouped into studies, so that a
+  study's records stay small however many images it has."""
+  source: SourceFile
+  study_instance_uid: str
+  series_instance_uid: str
+  sop_instance_uid: str
+  header: Union[HeaderPart, SpilledHeader]
+  study_date: Optional[str] = None           # typed StudyDate, YYYY-MM-DD
+  transfer_syntax_uid: Optional[str] = None
+  item_value: Optional[str] = None           # value of the --item_id keyword
+  burned_in_annotation: Optional[str] = None  # as written, even if invalid
 
 
 @dataclasses.dataclass(frozen=True)

@@ -6,15 +6,17 @@ as written, in `metadata`.
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Iterable, List, Optional
+from typing import Any, Dict, Iterable, List, Optional, Sequence
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 from pydicom.datadict import tag_for_keyword
 
 from transforms.keys import calendar_date
-from transforms.records import ImageRecord, MemberLocation, StoredStudy
+from transforms.records import (HeaderPart, ImageRecord, MemberLocation,
+                                SpilledHeader, StoredStudy)
 from transforms.schema import DICOM_COLUMNS
+from transforms.spill import read_spilled
 
 _INT64_MAX = (1 << 63) - 1
 
@@ -75,8 +77,8 @@ def dicom_columns(header: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def build_row(collection: str, stored: StoredStudy, image: ImageRecord,
-              member: MemberLocation, run_id: str, version: str
-              ) -> Dict[str, Any]:
+              header: HeaderPart, member: MemberLocation, run_id: str,
+              version: str) -> Dict[str, Any]:
   loc = stored.location
   row = {
       "collection": collection,
@@ -88,8 +90,8 @@ def build_row(collection: str, stored: StoredStudy, image: ImageRecord,
       "source_path": image.source.relpath,
       "TransferSyntaxUID": image.transfer_syntax_uid,
   }
-  row.update(image.columns)
-  row["metadata"] = image.header_json
+  row.update(header.columns)
+  row["metadata"] = header.header_json
   row["storage"] = {
       "uri": loc.uri, "bucket": loc.bucket, "object": loc.object_name,
       "member": member.member, "member_offset": member.member_offset,
@@ -106,29 +108,63 @@ def build_row(collection: str, stored: StoredStudy, image: ImageRecord,
   return row
 
 
+def header_parts(images: Sequence[ImageRecord], gcs_client=None
+                 ) -> List[HeaderPart]:
+  """The images' HeaderParts, read back where they were spilled."""
+  spilled = [i for i, image in enumerate(images)
+             if isinstance(image.header, SpilledHeader)]
+  parts = [image.header for image in images]
+  for i, part in zip(spilled, read_spilled(
+      [images[i].header for i in spilled], gcs_client)):
+    parts[i] = part
+  return parts
+
+
+# Rows are built this many images at a time: their headers are read back
+# together, and only they are held at once.
+ROWS_CHUNK = 256
+
+
 class _BuildRows(beam.DoFn):
-  def __init__(self, collection: str, run_id: str, version: str):
+  def __init__(self, collection: str, run_id: str, version: str,
+               remote_spill: bool = False):
     self.collection = collection
     self.run_id = run_id
     self.version = version
+    self.remote_spill = remote_spill
+    self.gcs = None
     self.rows = Metrics.counter("rows", "rows_built")
 
+  def setup(self):
+    if self.remote_spill:
+      from transforms.gcs import storage_client
+      self.gcs = storage_client()
+
   def process(self, stored: StoredStudy) -> Iterable[Dict[str, Any]]:
-    for image, member in zip(stored.study.images, stored.members):
-      self.rows.inc()
-      yield build_row(self.collection, stored, image, member, self.run_id,
-                      self.version)
+    images = stored.study.images
+    for start in range(0, len(images), ROWS_CHUNK):
+      chunk = images[start:start + ROWS_CHUNK]
+      for image, header, member in zip(chunk, header_parts(chunk, self.gcs),
+                                       stored.members[start:start + ROWS_CHUNK]):
+        self.rows.inc()
+        yield build_row(self.collection, stored, image, header, member,
+                        self.run_id, self.version)
 
 
 class BuildRows(beam.PTransform):
-  """StoredStudy -> one row dict per image."""
+  """StoredStudy -> one row dict per image.
 
-  def __init__(self, collection: str, run_id: str, version: str):
+  remote_spill: headers were spilled to gs:// (transforms/spill.py).
+  """
+
+  def __init__(self, collection: str, run_id: str, version: str,
+               remote_spill: bool = False):
     super().__init__()
     self.collection = collection
     self.run_id = run_id
     self.version = version
+    self.remote_spill = remote_spill
 
   def expand(self, stored):
-    return stored | "BuildRows" >> beam.ParDo(
-        _BuildRows(self.collection, self.run_id, self.version))
+    return stored | "BuildRows" >> beam.ParDo(_BuildRows(
+        self.collection, self.run_id, self.version, self.remote_spill))

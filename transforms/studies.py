@@ -40,7 +40,7 @@ class NamingFacts(NamedTuple):
 
 def study_date_of(image: ImageRecord) -> str:
   """YYYYMMDD from the typed StudyDate column, or the placeholder."""
-  iso = image.columns.get("StudyDate")
+  iso = image.study_date
   return study_date_component(iso.replace("-", "") if iso else None)
 
 
