@@ -229,10 +229,13 @@ def manifest_bytes(study: Study, members: List[MemberLocation]) -> bytes:
 
 # Members are compressed in threads, several at once, and appended in order.
 # Files up to PARALLEL_MEMBER_BYTES are held whole while in flight, at most
-# IN_FLIGHT_BYTES of them; larger ones are streamed in chunks by this thread.
+# IN_FLIGHT_BYTES of them (or one larger file alone); larger ones are
+# streamed in chunks by this thread. The bound is low enough that every
+# study with a few large images reaches it: a study's peak memory does not
+# depend on how many large images happen to queue up at once.
 COMPRESSION_THREADS = min(4, os.cpu_count() or 1)
 PARALLEL_MEMBER_BYTES = 32 << 20
-IN_FLIGHT_BYTES = 64 << 20
+IN_FLIGHT_BYTES = 16 << 20
 
 
 def write_study_archive(study: Study, out: BinaryIO,
