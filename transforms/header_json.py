@@ -188,9 +188,12 @@ def _from_raw(raw: RawDataElement) -> Any:
 # (all but a few of a CT slice's ~150 elements), so each distinct short value
 # is converted and serialized once per worker process. Keys hold the raw
 # bytes: values over _CACHED_VALUE_BYTES are converted every time, and the
-# cache is emptied when full, so its memory stays a few MB.
+# cache is emptied when full. Each image adds a few values of its own (its
+# UIDs, position, times) that never repeat, so the cache is kept small
+# (under ~1 MB) rather than grow with the number of images read: 2,048
+# entries parse as fast as 16,384 did.
 _CACHED_VALUE_BYTES = 256
-_CACHE_ENTRIES = 16384
+_CACHE_ENTRIES = 2048
 _converted_cache: Dict[tuple, Tuple[Any, Optional[str]]] = {}
 
 
