@@ -1,6 +1,8 @@
 """Headers set aside while images are grouped (transforms/spill.py)."""
 from __future__ import annotations
 
+import dataclasses
+
 import apache_beam as beam
 import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
@@ -13,7 +15,7 @@ from pipeline.run import header_spill_dir
 from transforms.records import (HeaderPart, ImageRecord, SourceFile,
                                 SpilledHeader, pack_text)
 from transforms.spill import (DeleteSpill, SpillHeaders, decode_part,
-                              encode_part, read_spilled)
+                              encode_part, header_parts, read_spilled)
 
 
 def header_part(i: int) -> HeaderPart:
@@ -78,6 +80,14 @@ def test_parts_come_back_in_the_order_asked_with_few_reads(tmp_path,
   assert sorted((p.rsplit("/", 1)[-1], n) for p, _, n in reads) == sorted(
       [("near.bin", near[9].offset + near[9].length)] +
       [("far.bin", r.length) for r in far])
+
+
+def test_header_parts_of_spilled_and_inline_records(tmp_path):
+  refs = _write_parts(tmp_path / "a.bin", [header_part(i) for i in range(3)])
+  images = [dataclasses.replace(image_with_header(i), header=refs[i])
+            for i in range(3)]
+  images.insert(1, image_with_header(7))   # not spilled: its own part
+  assert header_parts(images) == [header_part(i) for i in (0, 7, 1, 2)]
 
 
 def test_the_folder_is_deleted_once_its_readers_are_done(tmp_path):

@@ -6,7 +6,7 @@ as written, in `metadata`.
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Iterable, List, Optional, Sequence
+from typing import Any, Dict, Iterable, List, Optional
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
@@ -14,9 +14,9 @@ from pydicom.datadict import tag_for_keyword
 
 from transforms.keys import calendar_date
 from transforms.records import (HeaderPart, ImageRecord, MemberLocation,
-                                SpilledHeader, StoredStudy)
+                                StoredStudy)
 from transforms.schema import DICOM_COLUMNS
-from transforms.spill import read_spilled
+from transforms.spill import header_parts
 
 _INT64_MAX = (1 << 63) - 1
 
@@ -106,18 +106,6 @@ def build_row(collection: str, stored: StoredStudy, image: ImageRecord,
   row["run_id"] = run_id
   row["pipeline_version"] = version
   return row
-
-
-def header_parts(images: Sequence[ImageRecord], gcs_client=None
-                 ) -> List[HeaderPart]:
-  """The images' HeaderParts, read back where they were spilled."""
-  spilled = [i for i, image in enumerate(images)
-             if isinstance(image.header, SpilledHeader)]
-  parts = [image.header for image in images]
-  for i, part in zip(spilled, read_spilled(
-      [images[i].header for i in spilled], gcs_client)):
-    parts[i] = part
-  return parts
 
 
 # Rows are built this many images at a time: their headers are read back

@@ -71,6 +71,18 @@ def read_spilled(refs: Sequence[SpilledHeader], gcs_client=None
   return parts
 
 
+def header_parts(images: Sequence[ImageRecord], gcs_client=None
+                 ) -> List[HeaderPart]:
+  """The images' HeaderParts: read back where spilled, else their own."""
+  spilled = [i for i, image in enumerate(images)
+             if isinstance(image.header, SpilledHeader)]
+  parts = [image.header for image in images]
+  for i, part in zip(spilled, read_spilled(
+      [images[i].header for i in spilled], gcs_client)):
+    parts[i] = part
+  return parts
+
+
 def _end(ref: SpilledHeader) -> int:
   return ref.offset + ref.length
 
