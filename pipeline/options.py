@@ -144,7 +144,7 @@ class RunConfig:
   bigquery_method: str
 
 
-def absolute_path(path: Optional[str]) -> Optional[str]:
+def _absolute(path: Optional[str]) -> Optional[str]:
   if path and "://" not in path:
     return os.path.abspath(path)
   return path
@@ -168,7 +168,7 @@ def resolve(opts: StorageOptions, run_id: str) -> RunConfig:
     raise OptionsError("--metadata_output or --bigquery_project is required: "
                        "where rows go")
   try:
-    roots = [absolute_path(r) for r in discover.split_input_roots(opts.input)]
+    roots = [_absolute(r) for r in discover.split_input_roots(opts.input)]
     rules = [r.strip() for r in opts.phi_rules.split(",") if r.strip()]
     phi.check_rule_names(rules)
   except ValueError as e:
@@ -196,17 +196,16 @@ def resolve(opts: StorageOptions, run_id: str) -> RunConfig:
         check_key_component(entity, "entity id")
     except UnsafeKeyComponent as e:
       raise OptionsError(f"--entities_file: {e}") from e
-  metadata_output = absolute_path(opts.metadata_output)
-  bucket = absolute_path(opts.bucket).rstrip("/")
+  metadata_output = _absolute(opts.metadata_output)
+  bucket = _absolute(opts.bucket).rstrip("/")
   # Without a local rows folder, the report and dead letters go to the
   # bucket, beside (never under) the Collection/ key schema.
   side = metadata_output or join_uri(bucket, f"Runs/{opts.collection}/{run_id}")
   return RunConfig(
       input_roots=roots, bucket=bucket,
       collection=opts.collection, metadata_output=metadata_output,
-      dead_letter=(absolute_path(opts.dead_letter)
-                   or join_uri(side, "dead_letter")),
-      report=absolute_path(opts.report) or join_uri(side, "report.json"),
+      dead_letter=_absolute(opts.dead_letter) or join_uri(side, "dead_letter"),
+      report=_absolute(opts.report) or join_uri(side, "report.json"),
       item_id=opts.item_id, phi_rules=rules, deid_recipe_text=recipe_text,
       compression_level=opts.compression_level, entities=entities,
       overwrite=bool(opts.overwrite), bigquery_table=table,

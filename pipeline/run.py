@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import datetime
-import os
+import shutil
 import sys
 import tempfile
 import uuid
@@ -14,7 +14,6 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import (DirectOptions,
-                                                  GoogleCloudOptions,
                                                   PipelineOptions,
                                                   StandardOptions)
 from apache_beam.portability import python_urns
@@ -27,7 +26,7 @@ from pipeline.local_workers import (WarmWorkers, default_worker_count,
                                     return_large_buffers_to_the_os,
                                     take_warm_workers)
 from pipeline.options import (OptionsError, RunConfig, StorageOptions,
-                              absolute_path, help_text, resolve)
+                              help_text, resolve)
 from transforms.access import AccessError, check_cloud_access, explain_forbidden
 from transforms.archive import WriteStudyArchive
 from transforms.bigquery import WriteRowsBigQuery, ensure_dataset_and_view
@@ -44,7 +43,7 @@ from transforms.report import (WriteRunReport, format_summary, read_report,
                                write_report)
 from transforms.rows import BuildRows
 from transforms.sinks import CheckRows, WriteDeadLetters, WriteRowsLocal
-from transforms.spill import DeleteSpill, SpillHeaders, delete_spill
+from transforms.spill import SpillHeaders
 from transforms.studies import GroupStudies
 
 EXCLUDED = "excluded"
@@ -101,20 +100,6 @@ class _WarmWorkerRunner(fn_runner.FnApiRunner):
       self._warm.stop()
 
 
-def header_spill_dir(options: PipelineOptions, run_id: str, local: bool
-                     ) -> str:
-  """Where headers wait while images are grouped: under --temp_location,
-  which remote workers share; a local run may use the local temp folder."""
-  temp = options.view_as(GoogleCloudOptions).temp_location
-  if not temp:
-    if not local:
-      raise OptionsError("--temp_location is required with --runner "
-                         f"{options.view_as(StandardOptions).runner}: "
-                         "headers wait there while images are grouped")
-    temp = tempfile.gettempdir()
-  return join_uri(absolute_path(temp), f"dicomstore-headers-{run_id}")
-
-
 def check_destination(bucket: str, run_id: str) -> None:
   """Fails fast when the bucket cannot take an object (a probe is written
   and deleted, outside the key schema)."""
@@ -137,9 +122,9 @@ def check_destination(bucket: str, run_id: str) -> None:
 
 
 def build(p: beam.Pipeline, config: RunConfig, run_id: str,
-          spill_dir: str) -> None:
-  """The graph, in the order the product is described; headers wait in
-  spill_dir, a folder of this run alone."""
+          spill_dir: Optional[str] = None) -> None:
+  """The graph, in the order the product is described. spill_dir: a local
+  run's own folder, where headers wait while images are grouped."""
   found = p | "Discover" >> DiscoverEntityFiles(config.input_roots,
                                                config.entities)
   path_checked = found.files | "FlagPhiByPath" >> FlagPhiByPath(
@@ -156,16 +141,16 @@ def build(p: beam.Pipeline, config: RunConfig, run_id: str,
       header_checked.flagged) | "AllFlagged" >> beam.Flatten()
   current = p | "ReadCurrentRows" >> ReadCurrentRows(
       config.bigquery_table, config.metadata_output, config.overwrite)
-  # Headers wait in files while images are grouped (transforms/spill.py).
-  spilled = header_checked.kept | "SpillHeaders" >> SpillHeaders(spill_dir)
-  grouped = {"images": spilled, "flagged": flagged_images,
+  kept = header_checked.kept
+  if spill_dir:   # headers wait in local files (transforms/spill.py)
+    kept = kept | "SpillHeaders" >> SpillHeaders(spill_dir)
+  grouped = {"images": kept, "flagged": flagged_images,
              "current": current} | "GroupStudies" >> GroupStudies(
                  config.collection)
   written = grouped["studies"] | "WriteStudyArchive" >> WriteStudyArchive(
       config.bucket, config.compression_level, config.overwrite)
   rows = written.stored | "BuildRows" >> BuildRows(
-      config.collection, run_id, __version__, spill_dir.startswith("gs://"))
-  _ = rows | "DeleteSpill" >> DeleteSpill(spill_dir)
+      config.collection, run_id, __version__)
   checked = rows | "CheckRows" >> CheckRows()
   if config.metadata_output:
     checked.valid | "WriteRowsLocal" >> WriteRowsLocal(
@@ -224,19 +209,23 @@ def run(argv: Optional[List[str]] = None) -> dict:
   # Workers apply the emulator wiring too (no-op in production).
   options = PipelineOptions(argv + worker_plugin_args())
   runner = local_runner(options, argv)
-  spill_dir = header_spill_dir(options, run_id, local=runner is not None)
+  # Only a local run spills headers, to a folder of its own (TMPDIR).
+  spill_dir = None if runner is None else tempfile.mkdtemp(
+      prefix=f"dicomstore-headers-{run_id}-")
   p = beam.Pipeline(runner=runner, options=options)
   build(p, config, run_id, spill_dir)
   try:
     result = p.run()
     result.wait_until_finish()
   finally:
-    if runner is not None:   # the pipeline deletes it, unless it failed
-      delete_spill(spill_dir)
+    if spill_dir:
+      shutil.rmtree(spill_dir, ignore_errors=True)
 
   report = read_report(config.report)
   report["summary"]["input_bytes_read"] = (
       _counter(result, "header_bytes_read") + _counter(result, "source_bytes_read"))
+  report["summary"]["header_bytes_spilled"] = _counter(result,
+                                                       "header_bytes_spilled")
   report["report_path"] = config.report
   report["metadata_output"] = config.metadata_output
   report["bucket"] = config.bucket

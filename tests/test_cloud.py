@@ -186,9 +186,6 @@ def test_file_loads(emulators, sample, tmp_path):
   assert report["summary"]["rows"] == len(made["kept"])
   got = query(f"SELECT COUNT(*) AS n FROM `{PROJECT}.FILELOADS.dicom`")
   assert got[0]["n"] == len(made["kept"])
-  # Headers waited under the gs:// temp location while grouped, and are gone.
-  assert not [b.name for b in storage_client().list_blobs(
-      "fl-bucket", prefix="tmp/dicomstore-headers-")]
 
 
 @pytest.mark.parametrize("env,expected", [
@@ -214,20 +211,3 @@ def test_missing_credentials_fail_fast_with_the_fix(sample, tmp_path, env, expec
   assert last.startswith("error: ") and expected in last
   assert "gcloud auth application-default login" in last
 
-
-def test_headers_spill_to_cloud_storage_and_back(emulators):
-  from test_spill import header_part, image_with_header
-  from transforms.spill import (SpillHeaders, delete_spill, read_spilled)
-  emulators["create_bucket"]("spill-bucket")
-  folder = "gs://spill-bucket/tmp/dicomstore-headers-r1"
-  with local_pipeline() as p:
-    spilled = (p | beam.Create([image_with_header(i) for i in range(5)])
-               | SpillHeaders(folder) | beam.Reshuffle())
-    assert_that(spilled | beam.Map(lambda image: read_spilled(
-        [image.header], storage_client())[0]),
-                equal_to([header_part(i) for i in range(5)]))
-  prefix = "tmp/dicomstore-headers-r1/"
-  assert [b.name for b in storage_client().list_blobs("spill-bucket",
-                                                      prefix=prefix)]
-  delete_spill(folder)
-  assert not list(storage_client().list_blobs("spill-bucket", prefix=prefix))

@@ -97,11 +97,11 @@ def test_killed_run_then_rerun_equals_clean_run(emulators, sample, clean,
   root, _ = sample
   name = "kill" + crash_at.replace("_", "").replace(":", "")
   emulators["create_bucket"](name)
+  argv = [sys.executable, "-m", "pipeline", *_argv(root, name)]
   # A killed run cannot delete its header spill: keep it in tmp_path.
-  argv = [sys.executable, "-m", "pipeline", *_argv(root, name),
-          f"--temp_location={tmp_path}"]
   killed = subprocess.run(argv, cwd=REPO, capture_output=True, text=True,
-                          env={**os.environ, "DICOM_STORAGE_CRASH_AT": crash_at})
+                          env={**os.environ, "DICOM_STORAGE_CRASH_AT": crash_at,
+                               "TMPDIR": str(tmp_path)})
   assert killed.returncode == -9, killed.stderr[-3000:]
   for blob in _blobs(name).values():   # nothing partial is visible
     with tarfile.open(fileobj=io.BytesIO(blob.download_as_bytes()),

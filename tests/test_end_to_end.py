@@ -5,6 +5,7 @@ import json
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pydicom
@@ -56,15 +57,16 @@ def test_rows_carry_nested_sequences_and_typed_columns(sample, tmp_path):
       "Collection/IRB41449/Entity/SUBJ001/SUBJ001_20190110_ACC0101.tar.gz")
 
 
-def test_multi_process_run(sample, tmp_path):
+def test_multi_process_run(sample, tmp_path, monkeypatch):
   """Anything that cannot be pickled to a worker fails here, not on Dataflow."""
   root, _ = sample
+  monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
   report = run_pipeline(root, tmp_path, "--direct_running_mode=multi_processing",
-                        "--direct_num_workers=2",
-                        f"--temp_location={tmp_path / 'temp'}")
+                        "--direct_num_workers=2")
   check_run(root, tmp_path / "bucket", read_rows(tmp_path / "metadata"), report)
-  # Headers waited under --temp_location while grouped, and are gone.
-  assert not list((tmp_path / "temp").glob("dicomstore-headers-*"))
+  # Headers waited in the run's own temp folder while grouped; it is gone.
+  assert report["summary"]["header_bytes_spilled"] > 0
+  assert not list(tmp_path.glob("dicomstore-headers-*"))
 
 
 def _unseen_tree(root: Path) -> None:

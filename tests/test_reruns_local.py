@@ -94,11 +94,11 @@ def test_a_killed_run_then_a_rerun_equals_a_clean_run(sample, tmp_path, crash_at
   out = tmp_path / "out"
   argv = [sys.executable, "-m", "pipeline", f"--input={root}",
           f"--bucket={out / 'bucket'}", "--collection=IRB41449",
-          f"--metadata_output={out / 'metadata'}", *IN_PROCESS,
-          # A killed run cannot delete its header spill: keep it in tmp_path.
-          f"--temp_location={tmp_path / 'temp'}"]
+          f"--metadata_output={out / 'metadata'}", *IN_PROCESS]
+  # A killed run cannot delete its header spill: keep it in tmp_path.
   killed = subprocess.run(argv, cwd=REPO, capture_output=True, text=True,
-                          env={**os.environ, "DICOM_STORAGE_CRASH_AT": crash_at})
+                          env={**os.environ, "DICOM_STORAGE_CRASH_AT": crash_at,
+                               "TMPDIR": str(tmp_path)})
   assert killed.returncode == -9, killed.stderr[-2000:]
   # Whatever the killed run left under the key schema is complete.
   for obj in (out / "bucket").rglob("*.tar.gz"):

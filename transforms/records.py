@@ -75,9 +75,9 @@ class SpilledHeader:
 @dataclasses.dataclass(frozen=True)
 class ImageRecord:
   """A readable DICOM image: identifiers, the few values later steps use,
-  and its header for the row: in the record as read, then set aside
-  (transforms/spill.py) before images are grouped into studies, so that a
-  study's records stay small however many images it has."""
+  and its header for the row: in the record as read; a local run sets it
+  aside (transforms/spill.py) before images are grouped into studies, so
+  that a study's records stay small however many images it has."""
   source: SourceFile
   study_instance_uid: str
   series_instance_uid: str

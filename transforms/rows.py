@@ -114,25 +114,17 @@ ROWS_CHUNK = 256
 
 
 class _BuildRows(beam.DoFn):
-  def __init__(self, collection: str, run_id: str, version: str,
-               remote_spill: bool = False):
+  def __init__(self, collection: str, run_id: str, version: str):
     self.collection = collection
     self.run_id = run_id
     self.version = version
-    self.remote_spill = remote_spill
-    self.gcs = None
     self.rows = Metrics.counter("rows", "rows_built")
-
-  def setup(self):
-    if self.remote_spill:
-      from transforms.gcs import storage_client
-      self.gcs = storage_client()
 
   def process(self, stored: StoredStudy) -> Iterable[Dict[str, Any]]:
     images = stored.study.images
     for start in range(0, len(images), ROWS_CHUNK):
       chunk = images[start:start + ROWS_CHUNK]
-      for image, header, member in zip(chunk, header_parts(chunk, self.gcs),
+      for image, header, member in zip(chunk, header_parts(chunk),
                                        stored.members[start:start + ROWS_CHUNK]):
         self.rows.inc()
         yield build_row(self.collection, stored, image, header, member,
@@ -140,19 +132,14 @@ class _BuildRows(beam.DoFn):
 
 
 class BuildRows(beam.PTransform):
-  """StoredStudy -> one row dict per image.
+  """StoredStudy -> one row dict per image."""
 
-  remote_spill: headers were spilled to gs:// (transforms/spill.py).
-  """
-
-  def __init__(self, collection: str, run_id: str, version: str,
-               remote_spill: bool = False):
+  def __init__(self, collection: str, run_id: str, version: str):
     super().__init__()
     self.collection = collection
     self.run_id = run_id
     self.version = version
-    self.remote_spill = remote_spill
 
   def expand(self, stored):
-    return stored | "BuildRows" >> beam.ParDo(_BuildRows(
-        self.collection, self.run_id, self.version, self.remote_spill))
+    return stored | "BuildRows" >> beam.ParDo(
+        _BuildRows(self.collection, self.run_id, self.version))

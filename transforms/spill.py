@@ -1,35 +1,31 @@
-"""Headers set aside in files while their images are grouped into studies.
+"""Headers set aside in local files while a local run groups images into
+studies.
 
-A study's image records are held whole where the study is grouped and
-written (the local runner even keeps every grouped record in its driver),
-and headers were most of a record's bytes: memory grew with study size.
-So before the grouping each image's HeaderPart is appended to a file of its
-bundle under the run's spill folder (on --temp_location, else the local
-temp folder) and the record keeps only where it is. Rows read the parts
-back a chunk of images at a time, in as few reads as the parts' order
-allows, and the folder is deleted once every row is built (and by the
-driver of a local run, whatever the outcome).
+Beam's local runner (the FnApiRunner) keeps every record of a grouping in
+its driver, and the worker that writes a study holds all of the study's
+records; headers were most of a record's bytes, so a local run's memory
+grew with study size. So a local run first appends each image's HeaderPart
+to a file of its bundle in the run's own folder under the local temp folder
+(TMPDIR), and the record keeps only where it is; rows read the parts back
+a chunk of images at a time, in as few reads as the parts' order allows.
+The driver deletes the folder when the run ends, whatever the outcome.
+
+Runs on Dataflow do not spill: their shuffle keeps grouped records outside
+worker memory, and per-image reads from Cloud Storage would cost far more.
 """
 from __future__ import annotations
 
 import dataclasses
 import itertools
-import logging
 import os
-import shutil
 import struct
 import uuid
-from typing import Iterable, List, Optional, Sequence
+from typing import Iterable, List, Optional, Sequence, Tuple
 
 import apache_beam as beam
-from apache_beam.io.filesystem import CompressionTypes
-from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
-from transforms.gcs import split_gs_uri, storage_client
-from transforms.keys import join_uri
 from transforms.records import HeaderPart, ImageRecord, SpilledHeader
-from transforms.retrieve import read_range
 
 # Parts closer than this in one file are read together, gap included.
 READ_GAP_BYTES = 256 * 1024
@@ -48,37 +44,47 @@ def decode_part(data: bytes) -> HeaderPart:
                     header_packed=data[end:])
 
 
-def read_spilled(refs: Sequence[SpilledHeader], gcs_client=None
-                 ) -> List[HeaderPart]:
-  """The HeaderParts at refs, in the same order. Parts of one file that lie
-  close together come in one read."""
-  parts: List[Optional[HeaderPart]] = [None] * len(refs)
+def read_plan(refs: Sequence[SpilledHeader]
+              ) -> List[Tuple[str, int, int, List[int]]]:
+  """(path, start, end, indices into refs) of each read: parts of one file
+  no more than READ_GAP_BYTES apart come in one read."""
+  plan = []
   order = sorted(range(len(refs)), key=lambda i: (refs[i].path, refs[i].offset))
   for path, in_file in itertools.groupby(order, key=lambda i: refs[i].path):
     run: List[int] = []
     for i in itertools.chain(in_file, [None]):
       if run and (i is None or refs[i].offset - _end(refs[run[-1]])
                   > READ_GAP_BYTES):
-        start = refs[run[0]].offset
-        data = read_range(path, start, max(_end(refs[j]) for j in run) - start,
-                          gcs_client)
-        for j in run:
-          at = refs[j].offset - start
-          parts[j] = decode_part(data[at:at + refs[j].length])
+        plan.append((path, refs[run[0]].offset,
+                     max(_end(refs[j]) for j in run), run))
         run = []
       if i is not None:
         run.append(i)
+  return plan
+
+
+def read_spilled(refs: Sequence[SpilledHeader]) -> List[HeaderPart]:
+  """The HeaderParts at refs, in the same order, in read_plan's reads."""
+  parts: List[Optional[HeaderPart]] = [None] * len(refs)
+  for path, start, end, indices in read_plan(refs):
+    with open(path, "rb") as f:
+      f.seek(start)
+      data = f.read(end - start)
+    for j in indices:
+      at = refs[j].offset - start
+      part = data[at:at + refs[j].length]
+      if len(part) != refs[j].length:
+        raise IOError(f"{path}: header spill ends before byte {_end(refs[j])}")
+      parts[j] = decode_part(part)
   return parts
 
 
-def header_parts(images: Sequence[ImageRecord], gcs_client=None
-                 ) -> List[HeaderPart]:
+def header_parts(images: Sequence[ImageRecord]) -> List[HeaderPart]:
   """The images' HeaderParts: read back where spilled, else their own."""
   spilled = [i for i, image in enumerate(images)
              if isinstance(image.header, SpilledHeader)]
   parts = [image.header for image in images]
-  for i, part in zip(spilled, read_spilled(
-      [images[i].header for i in spilled], gcs_client)):
+  for i, part in zip(spilled, read_spilled([images[i].header for i in spilled])):
     parts[i] = part
   return parts
 
@@ -104,9 +110,8 @@ class _SpillHeaders(beam.DoFn):
   def process(self, image: ImageRecord) -> Iterable[ImageRecord]:
     if self._out is None:
       # A retried bundle writes a new file; the old one is never referenced.
-      self._path = join_uri(self.directory, f"{uuid.uuid4().hex}.bin")
-      self._out = FileSystems.create(
-          self._path, compression_type=CompressionTypes.UNCOMPRESSED)
+      self._path = os.path.join(self.directory, f"{uuid.uuid4().hex}.bin")
+      self._out = open(self._path, "wb")  # pylint: disable=consider-using-with
       self._offset = 0
     data = encode_part(image.header)
     self._out.write(data)
@@ -136,42 +141,3 @@ class SpillHeaders(beam.PTransform):
 
   def expand(self, images):
     return images | "SpillHeader" >> beam.ParDo(_SpillHeaders(self.directory))
-
-
-def delete_spill(directory: str) -> None:
-  """Removes the spill folder and all in it; nothing when there is none."""
-  try:
-    if directory.startswith("gs://"):
-      bucket, name = split_gs_uri(directory.rstrip("/"))
-      # One object per bundle that set headers aside.
-      for blob in storage_client().list_blobs(bucket, prefix=name + "/"):
-        blob.delete()
-    elif os.path.isdir(directory):
-      shutil.rmtree(directory)
-  except Exception as e:  # pylint: disable=broad-except
-    # Its parts are copies of rows already built: worth a warning, not a
-    # failed run.
-    logging.warning("Could not remove header spill folder %s: %s",
-                    directory, e)
-
-
-def _delete_after(directory: str, done: int) -> Iterable[str]:
-  del done   # only orders this step after the rows
-  delete_spill(directory)
-  yield directory
-
-
-class DeleteSpill(beam.PTransform):
-  """Deletes the spill folder once the PCollection it is applied to (the
-  last reader of spilled headers) is complete."""
-
-  def __init__(self, directory: str):
-    super().__init__()
-    self.directory = directory
-
-  def expand(self, last_readers):
-    done = last_readers | "CountDone" >> beam.combiners.Count.Globally()
-    return (last_readers.pipeline
-            | "Folder" >> beam.Create([self.directory])
-            | "Delete" >> beam.FlatMap(_delete_after,
-                                       beam.pvalue.AsSingleton(done)))
