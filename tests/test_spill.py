@@ -60,8 +60,10 @@ def _write_parts(path, parts, gap=0):
 
 
 def test_parts_come_back_in_the_order_asked_with_few_reads(tmp_path):
-  near = _write_parts(tmp_path / "near.bin", [header_part(i) for i in range(10)])
-  far = _write_parts(tmp_path / "far.bin", [header_part(i) for i in range(10, 13)],
+  near = _write_parts(tmp_path / "near.bin",
+                      [header_part(i) for i in range(10)])
+  far = _write_parts(tmp_path / "far.bin",
+                     [header_part(i) for i in range(10, 13)],
                      gap=spill.READ_GAP_BYTES + 1)
   asked = [far[2], near[5], near[0], far[0], near[9], far[1]]
   assert read_spilled(asked) == [header_part(i)

@@ -123,9 +123,10 @@ class _BuildRows(beam.DoFn):
   def process(self, stored: StoredStudy) -> Iterable[Dict[str, Any]]:
     images = stored.study.images
     for start in range(0, len(images), ROWS_CHUNK):
-      chunk = images[start:start + ROWS_CHUNK]
-      for image, header, member in zip(chunk, header_parts(chunk),
-                                       stored.members[start:start + ROWS_CHUNK]):
+      end = start + ROWS_CHUNK
+      for image, header, member in zip(images[start:end],
+                                       header_parts(images[start:end]),
+                                       stored.members[start:end]):
         self.rows.inc()
         yield build_row(self.collection, stored, image, header, member,
                         self.run_id, self.version)

@@ -84,7 +84,8 @@ def header_parts(images: Sequence[ImageRecord]) -> List[HeaderPart]:
   spilled = [i for i, image in enumerate(images)
              if isinstance(image.header, SpilledHeader)]
   parts = [image.header for image in images]
-  for i, part in zip(spilled, read_spilled([images[i].header for i in spilled])):
+  read = read_spilled([images[i].header for i in spilled])
+  for i, part in zip(spilled, read):
     parts[i] = part
   return parts
 
@@ -125,10 +126,8 @@ class _SpillHeaders(beam.DoFn):
       self._out.close()
       self._out = None
 
-  def __getstate__(self):
-    state = self.__dict__.copy()
-    state["_out"] = None
-    return state
+  def teardown(self):
+    self.finish_bundle()   # a failed bundle's file: closed, never read
 
 
 class SpillHeaders(beam.PTransform):
