@@ -210,4 +210,3 @@ def test_missing_credentials_fail_fast_with_the_fix(sample, tmp_path, env, expec
   last = done.stderr.strip().splitlines()[-1]
   assert last.startswith("error: ") and expected in last
   assert "gcloud auth application-default login" in last
-
