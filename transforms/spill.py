@@ -26,6 +26,7 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 
 from transforms.records import HeaderPart, ImageRecord, SpilledHeader
+from transforms.retrieve import RetrievalError, read_range
 
 # Parts closer than this in one file are read together, gap included.
 READ_GAP_BYTES = 256 * 1024
@@ -67,15 +68,13 @@ def read_spilled(refs: Sequence[SpilledHeader]) -> List[HeaderPart]:
   """The HeaderParts at refs, in the same order, in read_plan's reads."""
   parts: List[Optional[HeaderPart]] = [None] * len(refs)
   for path, start, end, indices in read_plan(refs):
-    with open(path, "rb") as f:
-      f.seek(start)
-      data = f.read(end - start)
+    try:
+      data = read_range(path, start, end - start)
+    except RetrievalError as e:
+      raise IOError(f"{path}: header spill ends before byte {end}") from e
     for j in indices:
       at = refs[j].offset - start
-      part = data[at:at + refs[j].length]
-      if len(part) != refs[j].length:
-        raise IOError(f"{path}: header spill ends before byte {_end(refs[j])}")
-      parts[j] = decode_part(part)
+      parts[j] = decode_part(data[at:at + refs[j].length])
   return parts
 
 
