@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 from typing import List
 
+import pydicom.config
 import pytest
 from apache_beam.testing.test_pipeline import TestPipeline
 
@@ -22,6 +23,16 @@ def local_pipeline() -> TestPipeline:
   to offline anyway: its first try, the Prism runner, fails without a
   download and leaves a beam-temp* folder in /tmp on every pipeline."""
   return TestPipeline(runner="FnApiRunner")
+
+
+@pytest.fixture(scope="module")
+def ignore_invalid_values():
+  """pydicom reads as the pipeline has it read headers
+  (transforms/dicom.py _ReadHeader.setup): invalid values do not warn."""
+  before = pydicom.config.settings.reading_validation_mode
+  pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+  yield
+  pydicom.config.settings.reading_validation_mode = before
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,6 @@ import json
 import struct
 
 import pydicom
-import pydicom.config
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -17,15 +16,7 @@ from pydicom.sequence import Sequence
 import transforms.header_json as header_json_module
 from transforms.header_json import (header_and_text, header_json,
                                     pydicom_header_json, serialize)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def ignore_invalid_values():
-  # As the pipeline reads headers (transforms/dicom.py _ReadHeader.setup).
-  before = pydicom.config.settings.reading_validation_mode
-  pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
-  yield
-  pydicom.config.settings.reading_validation_mode = before
+pytestmark = pytest.mark.usefixtures("ignore_invalid_values")
 
 
 def _both(read):

@@ -18,6 +18,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
 from transforms.header_json import header_and_text, serialize
+from transforms.part10 import read_part10_header
 from transforms.records import (REJECTED, Excluded, HeaderPart, ImageRecord,
                                 SourceFile, pack_text)
 from transforms.rows import dicom_columns
@@ -58,15 +59,22 @@ _STUDY_UID, _SERIES_UID, _SOP_UID = "0020000D", "0020000E", "00080018"
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
 
-def _parse(fileobj) -> Tuple[Dataset, bool]:
-  """(dataset, has Part 10 preamble). Raises ValueError with a reason.
+def _parse(fileobj) -> Tuple[Dataset, Optional[str], bool]:
+  """(dataset, transfer syntax UID, has Part 10 preamble). Raises
+  ValueError with a reason.
 
-  A dataset written without the 128-byte preamble and 'DICM' prefix is still
-  read (pydicom's force=True), but kept only if it then has real UIDs: forced
+  Most files are read from their first HEADER_READ_BUFFER bytes by
+  transforms/part10.py; the rest by pydicom's general reader. A dataset
+  written without the 128-byte preamble and 'DICM' prefix is still read
+  (pydicom's force=True), but kept only if it then has real UIDs: forced
   reading of a text or image file yields no UIDs and is rejected.
   """
+  header = read_part10_header(fileobj, HEADER_READ_BUFFER)
+  if header is not None:
+    return header.dataset, header.transfer_syntax_uid, True
   try:
-    return pydicom.dcmread(fileobj, stop_before_pixels=True), True
+    return _with_syntax(pydicom.dcmread(fileobj, stop_before_pixels=True),
+                        True)
   except InvalidDicomError as e:
     not_dicom = e
   except Exception as e:  # pylint: disable=broad-except
@@ -74,9 +82,17 @@ def _parse(fileobj) -> Tuple[Dataset, bool]:
                      f"{type(e).__name__}: {e}") from e
   fileobj.seek(0)
   try:
-    return pydicom.dcmread(fileobj, stop_before_pixels=True, force=True), False
+    return _with_syntax(pydicom.dcmread(fileobj, stop_before_pixels=True,
+                                        force=True), False)
   except Exception:  # pylint: disable=broad-except
     raise ValueError(f"not a DICOM file: {not_dicom}") from not_dicom
+
+
+def _with_syntax(ds: Dataset, part10: bool
+                 ) -> Tuple[Dataset, Optional[str], bool]:
+  meta = getattr(ds, "file_meta", None)
+  syntax = meta.get("TransferSyntaxUID") if meta is not None else None
+  return ds, str(syntax) if syntax else None, part10
 
 
 def keyword_tag(keyword: str) -> str:
@@ -138,15 +154,13 @@ def read_image_record(source: SourceFile, fileobj,
   """Parses one file's header. Raises ValueError with a reason on bad input."""
   if source.size_bytes == 0:
     raise ValueError("empty file (0 bytes)")
-  ds, part10 = _parse(fileobj)
+  ds, syntax, part10 = _parse(fileobj)
   try:
     header, text = header_and_text(ds)
   except Exception as e:  # pylint: disable=broad-except
     raise ValueError(f"DICOM header cannot be read: "
                      f"{type(e).__name__}: {e}") from e
-  meta = getattr(ds, "file_meta", None)
-  ts = meta.get("TransferSyntaxUID") if meta is not None else None
-  return image_record(source, header, str(ts) if ts else None, item_tag,
+  return image_record(source, header, syntax, item_tag,
                       uids_must_look_valid=not part10, header_json=text)
 
 
