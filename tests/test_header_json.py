@@ -16,6 +16,7 @@ from pydicom.sequence import Sequence
 import transforms.header_json as header_json_module
 from transforms.header_json import (header_and_text, header_json,
                                     pydicom_header_json, serialize)
+
 pytestmark = pytest.mark.usefixtures("ignore_invalid_values")
 
 

@@ -13,6 +13,7 @@ from transforms.header_json import header_and_text, pydicom_header_json, seriali
 from transforms.part10 import part10_header, read_part10_header
 
 BLOCK = 64 * 1024
+
 pytestmark = pytest.mark.usefixtures("ignore_invalid_values")
 
 
