@@ -66,11 +66,12 @@ def _export(ds: Dataset, fast: bool) -> Tuple[Header, str]:
       continue
     converted = _NOT_FAST
     if fast and type(elem) is RawDataElement:  # pylint: disable=unidiomatic-typecheck
-      converted, part = _from_raw_cached(tag, elem)
+      converted, part, key = _from_raw_cached(tag, elem)
     if converted is _NOT_FAST:
       converted, part = _by_pydicom(ds, tag, fast)
+      key = f"{tag:08X}"
     if converted is not None:
-      out[f"{tag:08X}"] = converted
+      out[key] = converted
       parts.append(part)
   return out, "{" + ", ".join(parts) + "}"
 
@@ -198,8 +199,9 @@ _converted_cache: Dict[tuple, Tuple[Any, Optional[str]]] = {}
 
 
 def _from_raw_cached(tag: int, raw: RawDataElement
-                     ) -> Tuple[Any, Optional[str]]:
-  """(_from_raw(raw), its _part text or None), from the cache when seen."""
+                     ) -> Tuple[Any, Optional[str], str]:
+  """(_from_raw(raw), its _part text or None, its header key), from the
+  cache when seen."""
   value = raw.value
   cacheable = value is None or len(value) <= _CACHED_VALUE_BYTES
   if cacheable:
@@ -209,7 +211,7 @@ def _from_raw_cached(tag: int, raw: RawDataElement
       return hit
   converted = _from_raw(raw)
   result = (converted, None if converted is _NOT_FAST or converted is None
-            else _part(tag, converted))
+            else _part(tag, converted), f"{tag:08X}")
   if cacheable:
     if len(_converted_cache) >= _CACHE_ENTRIES:
       _converted_cache.clear()

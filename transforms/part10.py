@@ -124,20 +124,21 @@ def _walk(block: bytes, pos: int, implicit: bool, whole_file: bool,
         return elements, pos
       return None
     if implicit:
-      group, number, length = _IMPLICIT_HEAD(block, pos)
+      group, elem, length = _IMPLICIT_HEAD(block, pos)
       vr = None
       value_at = pos + 8
     else:
-      group, number, raw_vr, length = _EXPLICIT_HEAD(block, pos)
+      group, elem, raw_vr, length = _EXPLICIT_HEAD(block, pos)
     if group in _GROUPS_TO_CHECK or meta:
       if meta:
         if group != 2:
           return elements, pos
-      elif group << 16 | number in _PIXEL_DATA_TAGS:
+      elif group << 16 | elem in _PIXEL_DATA_TAGS:
         return elements, pos
       elif group != 0x7FE0:
         return None   # a command set, a stray meta element, a delimiter
-    tag = BaseTag(group << 16 | number)
+    tag_int = group << 16 | elem   # compared as an int: BaseTag's == is Python
+    tag = BaseTag(tag_int)
     if not implicit:
       vr = _VR_TEXT.get(raw_vr)
       if vr is None:
@@ -163,7 +164,7 @@ def _walk(block: bytes, pos: int, implicit: bool, whole_file: bool,
       # without the Python-level __new__ of a NamedTuple (~0.3 us of ~2).
       element = _new_tuple(RawDataElement, (tag, vr, length, value, value_at,
                                             implicit, True, True, False))
-      if tag == _CHARACTER_SET:   # the sequences after it are read with it
+      if tag_int == _CHARACTER_SET:   # the sequences after it are read with it
         encoding = convert_encodings(convert_string(value or b"", True))
     elements[tag] = element
 

@@ -21,8 +21,8 @@ from transforms.spill import header_parts
 _INT64_MAX = (1 << 63) - 1
 
 
-def _values(header: Dict[str, Any], keyword: str) -> List[Any]:
-  elem = header.get(f"{tag_for_keyword(keyword):08X}")
+def _values(header: Dict[str, Any], key: str) -> List[Any]:
+  elem = header.get(key)
   if not elem or elem.get("InvalidValue"):
     return []
   return [v for v in elem.get("Value", []) if v is not None]
@@ -62,13 +62,18 @@ _CONVERT = {"STRING": _string, "INTEGER": _integer, "FLOAT": _float,
             "DATE": _date}
 
 
+# (column, header key, converter, repeated) of each typed column, once.
+_COLUMN_SOURCES = tuple(
+    (keyword, f"{tag_for_keyword(keyword):08X}", _CONVERT[type_],
+     mode == "REPEATED") for keyword, type_, mode in DICOM_COLUMNS)
+
+
 def dicom_columns(header: Dict[str, Any]) -> Dict[str, Any]:
   """The typed columns of one header; NULL (None) where a value does not fit."""
   row = {}
-  for keyword, type_, mode in DICOM_COLUMNS:
-    convert = _CONVERT[type_]
-    values = _values(header, keyword)
-    if mode == "REPEATED":
+  for keyword, key, convert, repeated in _COLUMN_SOURCES:
+    values = _values(header, key)
+    if repeated:
       converted = [convert(v) for v in values]
       row[keyword] = [c for c in converted if c is not None]
     else:
