@@ -121,3 +121,32 @@ def test_a_command_set_is_left_to_pydicom():
   command = (b"\x00\x00\x00\x00UL\x04\x00" + (0).to_bytes(4, "little"))
   patched = data[:meta_end] + command + data[meta_end:]
   assert part10_header(patched, whole_file=True) is None
+
+
+class _ShortFirstRead(io.BytesIO):
+  """A stream whose first read returns only the first `first` bytes."""
+
+  def __init__(self, data, first):
+    super().__init__(data)
+    self.first = first
+
+  def read(self, size=-1):
+    if self.first:
+      size, self.first = self.first, None
+    return super().read(size)
+
+
+def test_a_short_read_is_not_taken_for_the_whole_file():
+  path = get_testdata_file("CT_small.dcm")
+  with open(path, "rb") as f:
+    data = f.read()
+  # A first read that ends exactly where an element ends, inside the
+  # header: taken for the whole file, it would read as a shorter header.
+  element = pydicom.dcmread(path, stop_before_pixels=True).get_item(0x00200032)
+  cut = element.value_tell + element.length
+  assert part10_header(data[:cut], whole_file=True) is not None
+  stream = _ShortFirstRead(data, cut)
+  assert read_part10_header(stream, BLOCK) is None
+  assert stream.tell() == 0
+  assert read_part10_header(io.BytesIO(data), BLOCK).end == _pydicom_read(
+      path)[2]

@@ -66,7 +66,11 @@ def read_part10_header(fileobj, block_bytes: int) -> Optional[Part10Header]:
   block_bytes; None when pydicom's general reader must read it. Leaves
   fileobj where the header ends, or at 0 when it returns None."""
   block = fileobj.read(block_bytes)
-  header = part10_header(block, whole_file=len(block) < block_bytes)
+  # A short block is the whole file only if nothing follows it: a stream
+  # that returns fewer bytes than asked before its end must not cut the
+  # header short.
+  whole_file = len(block) < block_bytes and not fileobj.read(1)
+  header = part10_header(block, whole_file)
   fileobj.seek(0 if header is None else header.end)
   return header
 
