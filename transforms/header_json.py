@@ -195,7 +195,7 @@ def _from_raw(raw: RawDataElement) -> Any:
 # entries parse as fast as 16,384 did.
 _CACHED_VALUE_BYTES = 256
 _CACHE_ENTRIES = 2048
-_converted_cache: Dict[tuple, Tuple[Any, Optional[str]]] = {}
+_converted_cache: Dict[tuple, Tuple[Any, Optional[str], str]] = {}
 
 
 def _from_raw_cached(tag: int, raw: RawDataElement
