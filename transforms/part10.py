@@ -70,7 +70,10 @@ def read_part10_header(fileobj, block_bytes: int) -> Optional[Part10Header]:
   # that returns fewer bytes than asked before its end must not cut the
   # header short.
   whole_file = len(block) < block_bytes and not fileobj.read(1)
-  header = part10_header(block, whole_file)
+  try:
+    header = part10_header(block, whole_file)
+  except Exception:  # pylint: disable=broad-except
+    header = None   # never this reader's call: pydicom reads it and says why
   fileobj.seek(0 if header is None else header.end)
   return header
 
