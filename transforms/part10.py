@@ -197,5 +197,5 @@ def _undefined_length_sequence(block, tag, vr, value_at, implicit,
   end = stream.tell()
   if end >= len(block) and not whole_file:
     return None, 0   # may have run out of the block
-  return DataElement(BaseTag(tag), vr, sequence, value_at,
+  return DataElement(tag, vr, sequence, value_at,
                      is_undefined_length=True), end
