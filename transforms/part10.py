@@ -99,13 +99,9 @@ def part10_header(block: bytes, whole_file: bool) -> Optional[Part10Header]:
   walked = _walk(block, start, implicit, whole_file, meta=False)
   if walked is None:
     return None
-  elements, end = walked
+  elements, end, encoding = walked
   dataset = Dataset(elements)
   # As pydicom's read_dataset leaves a top-level dataset.
-  encoding = default_encoding
-  if _CHARACTER_SET in elements:
-    encoding = convert_encodings(
-        convert_raw_data_element(elements[_CHARACTER_SET]).value)
   dataset.set_original_encoding(implicit, True, encoding)
   return Part10Header(dataset, str(syntax), end)
 
@@ -119,16 +115,16 @@ def _looks_implicit(block: bytes, pos: int) -> bool:
 
 def _walk(block: bytes, pos: int, implicit: bool, whole_file: bool,
           meta: bool):
-  """({tag: element}, end) of the elements from pos: the file meta group
-  (meta=True), or the dataset up to the pixel data; None when an element
-  is not one this reader takes."""
+  """({tag: element}, end, character set) of the elements from pos: the
+  file meta group (meta=True), or the dataset up to the pixel data; None
+  when an element is not one this reader takes."""
   elements = {}
   size = len(block)
   encoding = default_encoding
   while True:
     if pos + 8 > size:
       if whole_file and pos == size:
-        return elements, pos
+        return elements, pos, encoding
       return None
     if implicit:
       group, elem, length = _IMPLICIT_HEAD(block, pos)
@@ -139,9 +135,9 @@ def _walk(block: bytes, pos: int, implicit: bool, whole_file: bool,
     if group in _GROUPS_TO_CHECK or meta:
       if meta:
         if group != 2:
-          return elements, pos
+          return elements, pos, encoding
       elif group << 16 | elem in _PIXEL_DATA_TAGS:
-        return elements, pos
+        return elements, pos, encoding
       elif group != 0x7FE0:
         return None   # a command set, a stray meta element, a delimiter
     tag_int = group << 16 | elem   # compared as an int: BaseTag's == is Python
