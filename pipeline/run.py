@@ -43,7 +43,6 @@ from transforms.report import (WriteRunReport, format_summary, read_report,
                                write_report)
 from transforms.rows import BuildRows
 from transforms.sinks import CheckRows, WriteDeadLetters, WriteRowsLocal
-from transforms.spill import SpillHeaders
 from transforms.studies import GroupStudies
 
 EXCLUDED = "excluded"
@@ -124,7 +123,7 @@ def check_destination(bucket: str, run_id: str) -> None:
 def build(p: beam.Pipeline, config: RunConfig, run_id: str,
           spill_dir: Optional[str] = None) -> None:
   """The graph, in the order the product is described. spill_dir: a local
-  run's own folder, where headers wait while images are grouped."""
+  run's own folder, where images wait while they are grouped."""
   found = p | "Discover" >> DiscoverEntityFiles(config.input_roots,
                                                config.entities)
   path_checked = found.files | "FlagPhiByPath" >> FlagPhiByPath(
@@ -141,12 +140,10 @@ def build(p: beam.Pipeline, config: RunConfig, run_id: str,
       header_checked.flagged) | "AllFlagged" >> beam.Flatten()
   current = p | "ReadCurrentRows" >> ReadCurrentRows(
       config.bigquery_table, config.metadata_output, config.overwrite)
-  kept = header_checked.kept
-  if spill_dir:   # headers wait in local files (transforms/spill.py)
-    kept = kept | "SpillHeaders" >> SpillHeaders(spill_dir)
-  grouped = {"images": kept, "flagged": flagged_images,
+  # A local run's images wait in local files (transforms/spill.py).
+  grouped = {"images": header_checked.kept, "flagged": flagged_images,
              "current": current} | "GroupStudies" >> GroupStudies(
-                 config.collection)
+                 config.collection, spill_dir)
   written = grouped["studies"] | "WriteStudyArchive" >> WriteStudyArchive(
       config.bucket, config.compression_level, config.overwrite)
   rows = written.stored | "BuildRows" >> BuildRows(
@@ -209,7 +206,7 @@ def run(argv: Optional[List[str]] = None) -> dict:
   # Workers apply the emulator wiring too (no-op in production).
   options = PipelineOptions(argv + worker_plugin_args())
   runner = local_runner(options, argv)
-  # Only a local run spills headers, to a folder of its own (TMPDIR).
+  # Only a local run spills images, to a folder of its own (TMPDIR).
   spill_dir = None if runner is None else tempfile.mkdtemp(
       prefix=f"dicomstore-headers-{run_id}-")
   p = beam.Pipeline(runner=runner, options=options)

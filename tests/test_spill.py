@@ -1,4 +1,4 @@
-"""Headers set aside while images are grouped (transforms/spill.py)."""
+"""Images set aside while they are grouped (transforms/spill.py)."""
 from __future__ import annotations
 
 import dataclasses
@@ -11,8 +11,9 @@ import transforms.spill as spill
 from conftest import local_pipeline
 from transforms.records import (HeaderPart, ImageRecord, SourceFile,
                                 SpilledHeader, pack_text)
-from transforms.spill import (SpillHeaders, decode_part, encode_part,
-                              header_parts, read_plan, read_spilled)
+from transforms.spill import (SpilledImages, SpillImages,
+                              decode_part, encode_part, header_parts,
+                              read_images, read_plan, read_spilled)
 
 
 def header_part(i: int) -> HeaderPart:
@@ -32,20 +33,43 @@ def test_a_part_decodes_to_itself():
     assert decode_part(encode_part(header_part(i))) == header_part(i)
 
 
-def test_spilled_records_carry_only_where_their_header_is(tmp_path):
-  folder = tmp_path / "spill"
-  folder.mkdir()
+def test_an_image_spilled_comes_back_whole_from_its_reference(tmp_path):
+  folder = str(tmp_path)
+
+  def read_back(spilled):
+    image, ref = spilled
+    assert len(ref) == spill.IMAGE_REF.size and isinstance(image.header,
+                                                     SpilledHeader)
+    (back,) = read_images(folder, [ref])
+    assert back == image
+    return dataclasses.replace(back, header=read_spilled([back.header])[0])
+
   with local_pipeline() as p:
     spilled = (p | beam.Create([image_with_header(i) for i in range(20)])
-               | SpillHeaders(str(folder)))
-    # Read after a grouping, as in the pipeline: a part is readable once the
-    # bundle that wrote it is complete.
-    assert_that(spilled | beam.Reshuffle() | beam.Map(
-        lambda image: (image.sop_instance_uid,
-                       isinstance(image.header, SpilledHeader),
-                       read_spilled([image.header])[0])),
-        equal_to([(f"1.2.3.{i}", True, header_part(i)) for i in range(20)]))
-  assert list(folder.glob("*.bin"))
+               | SpillImages(folder))
+    # Read after a grouping, as in the pipeline: a record is readable once
+    # the bundle that wrote it is complete.
+    assert_that(spilled | beam.Reshuffle() | beam.Map(read_back),
+                equal_to([image_with_header(i) for i in range(20)]))
+
+
+def test_spilled_images_index_slice_and_iterate_in_chunks(tmp_path,
+                                                          monkeypatch):
+  monkeypatch.setattr(spill, "IMAGES_CHUNK", 4)
+  fn = spill._SpillImages(str(tmp_path))  # pylint: disable=protected-access
+  fn.start_bundle()
+  pairs = [next(iter(fn.process(image_with_header(i)))) for i in range(10)]
+  fn.finish_bundle()
+  order = [7, 0, 3, 9, 1, 2, 8, 4, 6, 5]
+  held = SpilledImages.of(str(tmp_path), (pairs[i][1] for i in order))
+  wanted = [pairs[i][0] for i in order]
+  assert len(held) == 10
+  assert list(held) == wanted
+  assert held[2:7] == wanted[2:7] and held[::-3] == wanted[::-3]
+  assert held[0] == wanted[0] and held[-1] == wanted[-1]
+  with pytest.raises(IndexError):
+    held[10]  # pylint: disable=pointless-statement
+  assert header_parts(held[:3]) == [header_part(i) for i in order[:3]]
 
 
 def _write_parts(path, parts, gap=0):
@@ -81,7 +105,7 @@ def test_a_cut_spill_file_is_an_error_not_a_wrong_header(tmp_path):
   refs = _write_parts(tmp_path / "a.bin", [header_part(i) for i in range(2)])
   with open(tmp_path / "a.bin", "r+b") as f:
     f.truncate(refs[1].offset + 3)
-  with pytest.raises(IOError, match="header spill ends before byte"):
+  with pytest.raises(IOError, match="spill file ends before byte"):
     read_spilled(refs)
 
 

@@ -1,14 +1,14 @@
+import dataclasses
+
+import pytest
 from apache_beam import Create, Map
-from hypothesis import given, settings
-from hypothesis import strategies as st
 from apache_beam.testing.util import assert_that, equal_to
 
 from conftest import local_pipeline
 from transforms.dicom import image_record
 from transforms.records import REJECTED, SourceFile
-from transforms.studies import (GroupStudies, build_study,
-                                drop_flagged_copies, naming_facts,
-                                study_name_parts)
+from transforms.spill import SpilledImages, header_parts
+from transforms.studies import GroupStudies
 
 
 def _img(entity, relpath, study, sop, accession=None, date="20200102"):
@@ -22,12 +22,12 @@ def _img(entity, relpath, study, sop, accession=None, date="20200102"):
       SourceFile(f"/in/{entity}/{relpath}", entity, relpath, 1), header)
 
 
-def test_images_group_into_studies_with_their_object_keys():
+def test_images_group_into_studies_with_their_object_keys(group):
   images = [_img("E1", "b.dcm", "1.1", "s2", "ACC1"),
             _img("E1", "a.dcm", "1.1", "s1", "ACC1"),
             _img("E2", "c.dcm", "2.1", "s3", None, date="bad")]
   with local_pipeline() as p:
-    out = _group(p, images)
+    out = group(p, images)
     assert_that(out["studies"] | Map(lambda s: (
         s.object_key, [i.source.relpath for i in s.images])), equal_to([
             ("Collection/C1/Entity/E1/E1_20200102_ACC1.tar.gz",
@@ -37,17 +37,28 @@ def test_images_group_into_studies_with_their_object_keys():
              ["c.dcm"])]))
 
 
-def _group(p, images, flagged=()):
-  return {"images": p | "Images" >> Create(images),
-          "flagged": p | "Flagged" >> Create(list(flagged))} | GroupStudies("C1")
+@pytest.fixture(params=["records", "spilled"])
+def group(request, tmp_path):
+  """GroupStudies as a Dataflow run has it (the records are grouped) and as
+  a local run has it (images spilled, their references grouped)."""
+  spill_dir = None
+  if request.param == "spilled":
+    spill_dir = tmp_path / "spill"
+    spill_dir.mkdir()
+
+  def grouped(p, images, flagged=()):
+    return {"images": p | "Images" >> Create(images),
+            "flagged": p | "Flagged" >> Create(list(flagged))} | GroupStudies(
+                "C1", spill_dir and str(spill_dir))
+  return grouped
 
 
-def test_a_copy_of_a_flagged_instance_is_flagged_too():
+def test_a_copy_of_a_flagged_instance_is_flagged_too(group):
   images = [_img("E1", "a.dcm", "1.1", "s1", "A"),
             _img("E1", "b.dcm", "1.1", "s2", "A")]
   flagged = [_img("E1", "PHI/a.dcm", "1.1", "s1", "A")]
   with local_pipeline() as p:
-    out = _group(p, images, flagged)
+    out = group(p, images, flagged)
     assert_that(out["studies"] | Map(lambda s: [i.sop_instance_uid
                                                 for i in s.images]),
                 equal_to([["s2"]]), label="studies")
@@ -62,11 +73,11 @@ def _short(uid):
   return uid_short_id(uid)
 
 
-def test_duplicate_sop_instances_keep_the_first_path():
+def test_duplicate_sop_instances_keep_the_first_path(group):
   images = [_img("E1", "z.dcm", "1.1", "s1", "A"),
             _img("E1", "a.dcm", "1.1", "s1", "A")]
   with local_pipeline() as p:
-    out = _group(p, images)
+    out = group(p, images)
     assert_that(out["studies"] | Map(lambda s: [i.source.relpath
                                                 for i in s.images]),
                 equal_to([["a.dcm"]]), label="studies")
@@ -74,26 +85,26 @@ def test_duplicate_sop_instances_keep_the_first_path():
                 equal_to([("/in/E1/z.dcm", REJECTED)]), label="excluded")
 
 
-def test_studies_that_would_share_a_name_both_survive():
+def test_studies_that_would_share_a_name_both_survive(group):
   images = [_img("E1", "a.dcm", "1.1", "s1", "SAME"),
             _img("E1", "b.dcm", "1.2", "s2", "SAME")]
   with local_pipeline() as p:
-    out = _group(p, images)
+    out = group(p, images)
     assert_that(out["studies"] | Map(lambda s: s.item_id), equal_to([
         "SAME-" + _short("1.1")[:8], "SAME-" + _short("1.2")[:8]]))
 
 
-def test_an_unsafe_item_id_rejects_the_study():
+def test_an_unsafe_item_id_rejects_the_study(group):
   images = [_img("E1", "a.dcm", "1.1", "s1", "../../etc")]
   with local_pipeline() as p:
-    out = _group(p, images)
+    out = group(p, images)
     assert_that(out["studies"], equal_to([]), label="studies")
     assert_that(out["excluded"] | Map(lambda e: e.reason), equal_to([
         "study 1.1 cannot be named: item id '../../etc' contains a path "
         "separator"]), label="excluded")
 
 
-def test_a_name_shared_only_once_flagged_copies_are_dropped_is_told_apart():
+def test_a_name_shared_only_once_flagged_copies_are_dropped_is_told_apart(group):
   # Study 1.1 takes its item id from b.dcm, because a.dcm's instance is
   # flagged elsewhere; it then shares E1_..._ACC2 with study 1.2.
   images = [_img("E1", "a.dcm", "1.1", "s1", "ACC1"),
@@ -101,35 +112,32 @@ def test_a_name_shared_only_once_flagged_copies_are_dropped_is_told_apart():
             _img("E1", "c.dcm", "1.2", "s3", "ACC2")]
   flagged = [_img("E1", "PHI/a.dcm", "1.1", "s1", "ACC1")]
   with local_pipeline() as p:
-    out = _group(p, images, flagged)
+    out = group(p, images, flagged)
     assert_that(out["studies"] | Map(lambda s: s.item_id), equal_to([
         "ACC2-" + _short("1.1")[:8], "ACC2-" + _short("1.2")[:8]]))
 
 
-_names = st.sampled_from(["a.dcm", "b.dcm", "c/d.dcm"])
-_sops = st.sampled_from(["s1", "s2", "s3"])
+def test_a_local_run_studies_hold_their_images_by_reference(tmp_path):
+  spill_dir = tmp_path / "spill"
+  spill_dir.mkdir()
+  images = [_img("E1", f"{i:02d}.dcm", "1.1", f"s{i}", "A") for i in range(30)]
+  # Record and header read back from the spill, with the header's place.
+  expected = [(dataclasses.replace(image, header=None), image.header)
+              for image in images]
 
+  def read_back(study):
+    held = study.images
+    assert isinstance(held, SpilledImages)
+    assert len(held.refs) == 28 * len(images)   # ~30 bytes per image
+    back = list(held)
+    assert held[3] == back[3] and held[-1] == back[-1]
+    return [(dataclasses.replace(image, header=None), part)
+            for image, part in zip(back, header_parts(back))]
 
-@settings(max_examples=200, deadline=None)
-@given(st.lists(st.tuples(_names, _sops, st.sampled_from([None, "A", "B"]),
-                          st.sampled_from(["20200102", "bad"]),
-                          st.sampled_from(["/r1", "/r2"])), min_size=1,
-                max_size=6),
-       st.sets(_sops, max_size=2))
-def test_the_name_index_names_each_study_as_it_is_built(files, flagged):
-  # The index (naming facts only) and build_study (whole records) must
-  # agree, or a collision could go unseen: same entity under two roots
-  # included, so equal paths occur.
-  images = [image_record(SourceFile(f"{root}/E1/{rel}", "E1", rel, 1), {
-      "00080020": {"vr": "DA", "Value": [date]},
-      "0020000D": {"vr": "UI", "Value": ["1.1"]},
-      "00080018": {"vr": "UI", "Value": [sop]},
-      **({"00080050": {"vr": "SH", "Value": [item]}} if item else {})})
-            for rel, sop, item, date, root in files]
-  expected = study_name_parts("1.1", map(naming_facts, images), flagged)
-  kept, _ = drop_flagged_copies(images, {sop: "PHI" for sop in flagged})
-  if not kept:
-    assert expected is None
-    return
-  study, _ = build_study("C1", "E1", "1.1", kept)
-  assert expected == (study.study_date, study.item_id)
+  with local_pipeline() as p:
+    out = {"images": p | "Images" >> Create(images),
+           "flagged": p | "Flagged" >> Create([])} | GroupStudies(
+               "C1", str(spill_dir))
+    assert_that(out["studies"] | Map(read_back), equal_to([expected]))
+  # Each bundle's records and headers, side by side.
+  assert {f.suffix for f in spill_dir.iterdir()} == {".rec", ".hdr"}

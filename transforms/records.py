@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
-from typing import Optional, Tuple, Union
+from typing import Optional, Sequence, Tuple, Union
 
 from isal import isal_zlib
 
@@ -97,7 +97,9 @@ class Study:
   study_date: str            # YYYYMMDD, or the placeholder
   item_id: str
   object_key: str            # Collection/<c>/Entity/<e>/<e>_<date>_<item>.tar.gz
-  images: Tuple[ImageRecord, ...]   # sorted by member name, unique SOPs
+  # Sorted by member name, unique SOPs: a tuple, or in a local run the
+  # images by reference (transforms/spill.py SpilledImages).
+  images: Sequence[ImageRecord]
   # Its current rows before this run (transforms/current.py tuples): what
   # the archive writer compares with the stored object's manifest.
   current: Tuple[tuple, ...] = ()

@@ -4,19 +4,19 @@ Groupings over small records only (never pixel data):
 1. by (entity, StudyInstanceUID), with the study's flagged copies and
    current rows looked up in side inputs: one Study per study, duplicate
    SOP instances resolved, study date and item id chosen;
-2. by (entity, object name), on an index of names only: two different
-   studies that would get the same object name are told apart by a suffix
-   derived from their UIDs, so neither overwrites the other and the outcome
-   does not depend on processing order. The index is computed from a few
-   naming facts per image (path, SOP, date, item), grouped apart from the
-   images themselves: were it computed from the built studies, every Study
-   would have to be stored whole until the index is complete, instead of
-   going straight on to the archive writer.
+2. by (entity, object name), on an index of the built studies' names:
+   two different studies that would get the same object name are told
+   apart by a suffix derived from their UIDs, so neither overwrites the
+   other and the outcome does not depend on processing order. Studies wait
+   for the index to be complete; in a local run they wait by reference
+   (transforms/spill.py), ~30 bytes per image.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, Iterable, List, NamedTuple, Optional, Tuple
+import functools
+from typing import (Any, Callable, Dict, Iterable, List, NamedTuple, Optional,
+                    Sequence, Tuple)
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
@@ -25,13 +25,14 @@ from transforms.keys import (UnsafeKeyComponent, study_date_component,
                              study_object_key, study_object_name, uid_short_id)
 from transforms.records import (FLAGGED, REJECTED, Excluded, ImageRecord,
                                 Study)
+from transforms.spill import SpilledImages, SpillImages
 
 EXCLUDED_TAG = "excluded"
 DEFAULT_ITEM_KEYWORD = "AccessionNumber"
 
 
 class NamingFacts(NamedTuple):
-  """What a study's object name depends on, per image."""
+  """What orders an image in its study and names the study, per image."""
   relpath: str
   sop_instance_uid: str
   study_date: str              # YYYYMMDD, or the placeholder
@@ -49,6 +50,25 @@ def naming_facts(image: ImageRecord) -> NamingFacts:
                      study_date_of(image), image.item_value)
 
 
+class StudyEntry(NamedTuple):
+  """One image as its study is built: what orders and names it, and the
+  image itself, or in a local run where it is spilled (its IMAGE_REF), so
+  that a study's whole records need not be held while it is built."""
+  facts: NamingFacts
+  path: str
+  image: Any
+
+  @property
+  def sop_instance_uid(self) -> str:
+    return self.facts.sop_instance_uid
+
+
+def study_entry(image: ImageRecord, spilled_at: Optional[bytes] = None
+                ) -> StudyEntry:
+  return StudyEntry(naming_facts(image), image.source.path,
+                    image if spilled_at is None else spilled_at)
+
+
 def _fact_order(fact: NamingFacts) -> tuple:
   """Total, so that equal paths (one entity under two input roots) still
   sort the same way in the index and in build_study."""
@@ -56,9 +76,9 @@ def _fact_order(fact: NamingFacts) -> tuple:
           fact.item_value or "")
 
 
-def _first_copies(ordered: Iterable) -> Tuple[list, list]:
+def _first_copies(ordered: Iterable[StudyEntry]) -> Tuple[list, list]:
   """The first of each SOP instance in order, and (later copy, its first)
-  pairs: records with a sop_instance_uid (ImageRecord, NamingFacts)."""
+  pairs."""
   kept, later, first = [], [], {}
   for item in ordered:
     earlier = first.get(item.sop_instance_uid)
@@ -70,48 +90,34 @@ def _first_copies(ordered: Iterable) -> Tuple[list, list]:
   return kept, later
 
 
-def study_name_parts(study_uid: str, facts: Iterable[NamingFacts],
-                     flagged_sops: Iterable[str] = ()
-                     ) -> Optional[Tuple[str, str]]:
-  """(study date, item id) of a study, None when no image is kept. Images
-  are taken by path below the entity folder, skipping flagged SOP instances
-  and later copies of one instance (as build_study keeps them); the date is
-  the first image's, the item id the first item value, else UID-derived."""
-  flagged = set(flagged_sops)
-  kept, _ = _first_copies(fact for fact in sorted(facts, key=_fact_order)
-                          if fact.sop_instance_uid not in flagged)
-  if not kept:
-    return None
-  item_id = next((f.item_value for f in kept if f.item_value),
-                 "uid" + uid_short_id(study_uid))
-  return kept[0].study_date, item_id
-
-
 def build_study(collection: str, entity_id: str, study_uid: str,
-                images: Iterable[ImageRecord]) -> Tuple[Study, List[Excluded]]:
-  """One study from its images; duplicates of a SOP instance are reported.
+                entries: Iterable[StudyEntry],
+                hold: Callable[[Iterable[Any]], Sequence[ImageRecord]] = tuple
+                ) -> Tuple[Study, List[Excluded]]:
+  """One study from its images' entries (at least one); duplicates of a
+  SOP instance are reported. hold makes the Study's images of the kept
+  entries' images.
 
-  Of several files with the same SOPInstanceUID, the one with the smallest
-  path below the entity folder is kept, the others are rejected: a stored
-  study never holds two copies of one instance.
+  Images are taken by path below the entity folder. Of several files with
+  the same SOPInstanceUID, the first is kept, the others are rejected: a
+  stored study never holds two copies of one instance. The study date is
+  the first kept image's, the item id the first kept item value, else
+  derived from the study UID. Raises UnsafeKeyComponent.
   """
-  # Each image's naming facts once: they order the images, and the same
-  # study_name_parts the naming index uses names the study from them.
-  with_facts = sorted(((naming_facts(image), image) for image in images),
-                      key=lambda pair: (_fact_order(pair[0]),
-                                        pair[1].source.path))
-  kept, later = _first_copies(image for _, image in with_facts)
-  duplicates = [Excluded(image.source.path, entity_id, REJECTED,
-                         f"duplicate SOPInstanceUID {image.sop_instance_uid}: "
-                         f"{first.source.relpath} is stored instead")
-                for image, first in later]
-  study_date, item_id = study_name_parts(study_uid,
-                                         (fact for fact, _ in with_facts))
+  ordered = sorted(entries, key=lambda e: (_fact_order(e.facts), e.path))
+  kept, later = _first_copies(ordered)
+  duplicates = [Excluded(entry.path, entity_id, REJECTED,
+                         f"duplicate SOPInstanceUID {entry.sop_instance_uid}: "
+                         f"{first.facts.relpath} is stored instead")
+                for entry, first in later]
+  study_date = kept[0].facts.study_date
+  item_id = next((e.facts.item_value for e in kept if e.facts.item_value),
+                 "uid" + uid_short_id(study_uid))
   study = Study(entity_id=entity_id, study_instance_uid=study_uid,
                 study_date=study_date, item_id=item_id,
                 object_key=study_object_key(collection, entity_id, study_date,
                                             item_id),
-                images=tuple(kept))
+                images=hold(entry.image for entry in kept))
   return study, duplicates
 
 
@@ -131,68 +137,70 @@ def renamed(collection: str, study: Study, item_id: str) -> Study:
       collection, study.entity_id, study.study_date, item_id))
 
 
-def drop_flagged_copies(images: List[ImageRecord], flagged: Dict[str, str]
-                        ) -> Tuple[List[ImageRecord], List[Excluded]]:
+def drop_flagged_copies(entity_id: str, entries: Iterable[StudyEntry],
+                        flagged: Dict[str, str]
+                        ) -> Tuple[List[StudyEntry], List[Excluded]]:
   """Defense in depth: when any copy of a SOP instance in this study was
   flagged (say one in PHI/ and one outside it), no copy of it is stored."""
   kept, dropped = [], []
-  for image in images:
-    flagged_path = flagged.get(image.sop_instance_uid)
+  for entry in entries:
+    flagged_path = flagged.get(entry.sop_instance_uid)
     if flagged_path is None:
-      kept.append(image)
+      kept.append(entry)
     else:
       dropped.append(Excluded(
-          image.source.path, image.source.entity_id, FLAGGED,
-          f"another copy of SOP instance {image.sop_instance_uid} is "
+          entry.path, entity_id, FLAGGED,
+          f"another copy of SOP instance {entry.sop_instance_uid} is "
           f"flagged ({flagged_path})"))
   return kept, dropped
 
 
 class _BuildStudy(beam.DoFn):
-  def __init__(self, collection: str):
+  """Builds a study from its grouped images: the records themselves, or
+  with spill_dir their references (transforms/spill.py), read back here and
+  held by reference by the Study."""
+
+  def __init__(self, collection: str, spill_dir: Optional[str] = None):
     self.collection = collection
+    self.spill_dir = spill_dir
     self.duplicates = Metrics.counter("studies", "duplicate_instances")
 
-  def process(self, keyed, renames, flagged_by_study, current_by_study
-              ) -> Iterable:
-    (entity_id, study_uid), images = keyed
+  def process(self, keyed, flagged_by_study, current_by_study) -> Iterable:
+    (entity_id, study_uid), grouped = keyed
+    if self.spill_dir:
+      refs = list(grouped)
+      # Records read back a chunk at a time; only their entries are held.
+      entries = [study_entry(image, ref) for image, ref in zip(
+          SpilledImages.of(self.spill_dir, refs), refs)]
+      hold = functools.partial(SpilledImages.of, self.spill_dir)
+    else:
+      entries, hold = [study_entry(image) for image in grouped], tuple
     flagged = dict(sorted(flagged_by_study[(entity_id, study_uid)]))
     current = tuple(sorted(current_by_study[(entity_id, study_uid)]))
-    images, dropped = drop_flagged_copies(list(images), flagged)
+    entries, dropped = drop_flagged_copies(entity_id, entries, flagged)
     for excluded in dropped:
       yield beam.pvalue.TaggedOutput(EXCLUDED_TAG, excluded)
-    if not images:
+    if not entries:
       return
     try:
       study, duplicates = build_study(self.collection, entity_id, study_uid,
-                                      images)
+                                      entries, hold)
     except UnsafeKeyComponent as e:
-      for image in images:
+      for entry in entries:
         yield beam.pvalue.TaggedOutput(EXCLUDED_TAG, Excluded(
-            image.source.path, entity_id, REJECTED,
+            entry.path, entity_id, REJECTED,
             f"study {study_uid} cannot be named: {e}"))
       return
     for excluded in duplicates:
       self.duplicates.inc()
       yield beam.pvalue.TaggedOutput(EXCLUDED_TAG, excluded)
-    yield dataclasses.replace(
-        _apply_rename(study, self.collection, renames), current=current)
+    yield dataclasses.replace(study, current=current)
 
 
-def _object_name(keyed) -> Iterable:
-  """From one study's naming facts and flagged instances: small
-  ((entity, object name), (study uid, item id)), as _BuildStudy will name it."""
-  (entity_id, study_uid), grouped = keyed
-  parts = study_name_parts(study_uid, grouped["images"],
-                           (sop for sop, _ in grouped["flagged"]))
-  if parts is None:
-    return
-  study_date, item_id = parts
-  try:
-    name = study_object_name(entity_id, study_date, item_id)
-  except UnsafeKeyComponent:
-    return   # _BuildStudy rejects its images, with the reason
-  yield (entity_id, name), (study_uid, item_id)
+def _object_name(study: Study):
+  """((entity, object name), (study uid, item id)) of a built study."""
+  name = study_object_name(study.entity_id, study.study_date, study.item_id)
+  return (study.entity_id, name), (study.study_instance_uid, study.item_id)
 
 
 def _renames(keyed) -> Iterable[Tuple[Tuple[str, str], str]]:
@@ -210,9 +218,8 @@ def _by_study(image: ImageRecord):
   return (image.source.entity_id, image.study_instance_uid), image
 
 
-def _naming_by_study(image: ImageRecord):
-  return ((image.source.entity_id, image.study_instance_uid),
-          naming_facts(image))
+def _ref_by_study(image: ImageRecord, ref: bytes):
+  return (image.source.entity_id, image.study_instance_uid), ref
 
 
 def _flagged_by_study(image: ImageRecord):
@@ -230,14 +237,16 @@ class GroupStudies(beam.PTransform):
   side inputs looked up by study, since joining them in a CoGroupByKey
   made the local runner copy every image record once more (its
   multi-input Flatten is materialized). Name collisions, which are rare,
-  are found on a small (entity, object name) -> study uid index, built
-  from naming facts alone, and applied through a side input as each
-  study is built, so whole studies are neither shuffled nor stored again.
+  are found on a small (entity, object name) -> study uid index of the
+  built studies, applied through a side input. With spill_dir (a local
+  run), the images are set aside there, and only their references are
+  grouped and held by the studies (transforms/spill.py).
   """
 
-  def __init__(self, collection: str):
+  def __init__(self, collection: str, spill_dir: Optional[str] = None):
     super().__init__()
     self.collection = collection
+    self.spill_dir = spill_dir
 
   def expand(self, inputs):
     pipeline = inputs["images"].pipeline
@@ -246,21 +255,24 @@ class GroupStudies(beam.PTransform):
       current = pipeline | "NoCurrentRows" >> beam.Create([])
     flagged = inputs["flagged"] | "KeyFlaggedByStudy" >> beam.Map(
         _flagged_by_study)
-    renames = (
-        {"images": inputs["images"] | "NamingFacts" >> beam.Map(
-            _naming_by_study),
-         "flagged": flagged}
-        | "GroupNamingFacts" >> beam.CoGroupByKey()
-        | "ObjectName" >> beam.FlatMap(_object_name)
-        | "GroupByObjectName" >> beam.GroupByKey()
-        | "Renames" >> beam.FlatMap(_renames))
+    if self.spill_dir:
+      keyed = (inputs["images"]
+               | "SpillImages" >> SpillImages(self.spill_dir)
+               | "KeyByStudy" >> beam.MapTuple(_ref_by_study))
+    else:
+      keyed = inputs["images"] | "KeyByStudy" >> beam.Map(_by_study)
     built = (
-        inputs["images"]
-        | "KeyByStudy" >> beam.Map(_by_study)
+        keyed
         | "GroupByStudy" >> beam.GroupByKey()
         | "BuildStudy" >> beam.ParDo(
-            _BuildStudy(self.collection),
-            beam.pvalue.AsDict(renames), beam.pvalue.AsMultiMap(flagged),
+            _BuildStudy(self.collection, self.spill_dir),
+            beam.pvalue.AsMultiMap(flagged),
             beam.pvalue.AsMultiMap(current)).with_outputs(
                 EXCLUDED_TAG, main="studies"))
-    return {"studies": built.studies, EXCLUDED_TAG: built[EXCLUDED_TAG]}
+    renames = (built.studies
+               | "ObjectName" >> beam.Map(_object_name)
+               | "GroupByObjectName" >> beam.GroupByKey()
+               | "Renames" >> beam.FlatMap(_renames))
+    studies = built.studies | "ApplyRenames" >> beam.Map(
+        _apply_rename, self.collection, beam.pvalue.AsDict(renames))
+    return {"studies": studies, EXCLUDED_TAG: built[EXCLUDED_TAG]}
