@@ -10,8 +10,9 @@ run's own folder under the local temp folder (TMPDIR), its HeaderPart to a
 second file beside it, and groups only a 28-byte reference per image.
 A study then holds its images as SpilledImages, read back a chunk at a
 time, in as few reads as the records' order allows, whenever they are
-iterated (the archive writer, the manifest, the rows). The driver deletes
-the folder when the run ends, whatever the outcome.
+iterated (the study builder, the archive writer, the manifest, the rows,
+the report). The driver deletes the folder when the run ends, whatever the
+outcome.
 
 Runs on Dataflow do not spill: their shuffle keeps grouped records outside
 worker memory, and per-image reads from Cloud Storage would cost far more.

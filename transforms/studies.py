@@ -70,8 +70,8 @@ def study_entry(image: ImageRecord, spilled_at: Optional[bytes] = None
 
 
 def _fact_order(fact: NamingFacts) -> tuple:
-  """Total, so that equal paths (one entity under two input roots) still
-  sort the same way in the index and in build_study."""
+  """With the path after it, total: equal relative paths (one entity under
+  two input roots) still sort the same way in every run."""
   return (fact.relpath, fact.sop_instance_uid, fact.study_date,
           fact.item_value or "")
 
