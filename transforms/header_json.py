@@ -197,7 +197,6 @@ def _from_raw(raw: RawDataElement) -> Any:
 # emptied and refilled, less of a worker's heap churned per image.
 _CACHED_VALUE_BYTES = 256
 _CACHE_ENTRIES = 2048
-# A SOP instance's own UID, never the same in two files: not cached.
 _NEVER_REPEATED = frozenset({0x00020003, 0x00080018})
 _converted_cache: Dict[tuple, Tuple[Any, Optional[str], str]] = {}
 

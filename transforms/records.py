@@ -66,7 +66,8 @@ class HeaderPart:
 @dataclasses.dataclass(frozen=True)
 class SpilledHeader:
   """Where transforms/spill.py set an image's HeaderPart aside: bytes
-  [offset, offset + length) of one file."""
+  [offset, offset + length) of one file (spill.py reads spilled records by
+  the same kind of span)."""
   path: str
   offset: int
   length: int

@@ -140,12 +140,15 @@ def _bundle_path(directory: str, file_id: bytes, suffix: str) -> str:
 
 def read_images(directory: str, refs: Sequence[bytes]) -> List[ImageRecord]:
   """The spilled records at refs (IMAGE_REF each), in the same order."""
-  spans, header_paths = [], []
+  spans, header_paths, paths = [], [], {}
   for ref in refs:
     file_id, offset, length = IMAGE_REF.unpack(ref)
-    spans.append(SpilledHeader(_bundle_path(directory, file_id, _RECORDS),
-                               offset, length))
-    header_paths.append(_bundle_path(directory, file_id, _HEADERS))
+    if file_id not in paths:   # a bundle's two paths, built once
+      paths[file_id] = (_bundle_path(directory, file_id, _RECORDS),
+                        _bundle_path(directory, file_id, _HEADERS))
+    records_path, headers_path = paths[file_id]
+    spans.append(SpilledHeader(records_path, offset, length))
+    header_paths.append(headers_path)
   return [decode_record(data, header_path)
           for data, header_path in zip(read_spans(spans), header_paths)]
 
