@@ -248,7 +248,8 @@ def main(argv: Optional[List[str]] = None) -> int:
   if report.get("bigquery_table"):
     print(f"  rows in BigQuery {report['bigquery_table']} "
           f"(current rows: view {report['bigquery_table']}_current)")
-  print(f"  report {report['report_path']}")
+  print(f"  report {report['report_path']}, stored files listed in "
+        f"{report['stored_files']}")
   if report["summary"]["failed"]:
     print(f"error: {report['summary']['failed']} files could not be stored; "
           "see 'failed' in the report", file=sys.stderr)

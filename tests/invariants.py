@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Dict, List
 
 from transforms.keys import STUDY_OBJECT_KEY_PATTERN
+from transforms.report import read_stored_listing
 
 
 def sha256(data: bytes) -> str:
@@ -65,13 +66,14 @@ def check_run(input_root: Path, bucket: Path, rows: List[dict], report: dict,
     members_by_object[path] = archive_members(path)
 
   # The report partitions the input: each file listed exactly once.
-  listed = ([s["path"] for s in report["stored"]] +
+  stored_listing = read_stored_listing(report)
+  listed = ([s["path"] for s in stored_listing] +
             [e["path"] for s in ("flagged", "rejected", "failed")
              for e in report[s]])
   assert sorted(listed) == sorted(str(p) for p in all_input_files(input_root))
 
   # Each stored file is in exactly one archive, its entity's, byte-identical.
-  stored = {s["path"]: s for s in report["stored"]}
+  stored = {s["path"]: s for s in stored_listing}
   digests = {}
   for path, members in members_by_object.items():
     entity = path.parent.name

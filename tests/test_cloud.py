@@ -22,6 +22,7 @@ from transforms.bigquery import (WriteRowsBigQuery, bigquery_client,
                                  ensure_dataset_and_view)
 from transforms.gcs import storage_client
 from transforms.keys import STUDY_OBJECT_KEY_PATTERN
+from transforms.report import read_stored_listing
 from transforms.sinks import CheckRows
 
 REPO = Path(__file__).parents[1]
@@ -67,7 +68,7 @@ def test_the_report_accounts_for_every_input_object(cloud_run):
   report, _ = cloud_run
   inputs = sorted(f"gs://pacs-export/{b.name}"
                   for b in storage_client().list_blobs("pacs-export"))
-  listed = sorted([s["path"] for s in report["stored"]] +
+  listed = sorted([s["path"] for s in read_stored_listing(report)] +
                   [e["path"] for k in ("flagged", "rejected", "failed")
                    for e in report[k]])
   assert listed == inputs

@@ -18,6 +18,7 @@ from pydicom.sequence import Sequence
 from conftest import read_rows, run_pipeline
 from devtools.sample_data import fresh_uid
 from invariants import check_run, sha256
+from transforms.report import read_stored_listing
 from transforms.schema import row_errors
 
 CT = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
@@ -125,7 +126,7 @@ def test_bad_input_corpus(tmp_path):
   report = run_pipeline(root, tmp_path / "out")
   rows = read_rows(tmp_path / "out" / "metadata")
   rel = lambda p: str(Path(p).relative_to(root))  # noqa: E731
-  got_stored = {rel(s["path"]) for s in report["stored"]}
+  got_stored = {rel(s["path"]) for s in read_stored_listing(report)}
   got_rejected = {rel(e["path"]): e["reason"] for e in report["rejected"]}
   assert expected["stored"] <= got_stored
   assert expected["rejected"] <= set(got_rejected)
@@ -207,6 +208,6 @@ def test_flagged_images_never_leave(tmp_path_factory, specs):
     assert sha256(data) not in archived
     ds = pydicom.dcmread(path, stop_before_pixels=True)
     assert ds.SOPInstanceUID not in {r["sop_instance_uid"] for r in rows}
-  stored = [s["path"] for s in report["stored"]]
+  stored = [s["path"] for s in read_stored_listing(report)]
   assert sorted(stored) == sorted(str(p) for p in tree["kept"])
   assert len(rows) == len(tree["kept"])

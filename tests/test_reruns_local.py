@@ -14,6 +14,7 @@ from conftest import IN_PROCESS, read_rows, run_pipeline
 from invariants import archive_members
 from reruns import add_image_to_study, assert_same_state, current_rows_key
 from transforms.current import current_image, newest_per_study
+from transforms.report import read_stored_listing
 
 REPO = Path(__file__).parents[1]
 
@@ -53,6 +54,13 @@ def test_second_run_writes_nothing(sample, tmp_path):
   assert second["summary"]["objects"] == 0 and second["summary"]["rows"] == 0
   assert second["summary"]["studies_skipped"] == first["summary"]["studies"]
   assert second["summary"]["kept"] == len(made["kept"])   # still accounted for
+  # ... each skipped study's files listed with the object they are in.
+  listed = read_stored_listing(second)
+  assert listed == read_stored_listing(first)
+  assert sorted(e["path"] for e in listed) == sorted(
+      str(k.path) for k in made["kept"])
+  listing = tmp_path / "metadata" / f"stored-{second['run_id']}"
+  assert len(list(listing.glob("*.json"))) == second["summary"]["studies_skipped"]
   assert _mtimes(tmp_path) == before
   assert read_rows(tmp_path / "metadata", second["run_id"]) == []
 

@@ -2,24 +2,32 @@
 
 It is assembled inside the pipeline from the excluded files, the stored
 studies and the row counts, and written once as JSON. The driver prints
-its summary when the run ends.
+its summary when the run ends. Stored files, most of a run's files, are
+listed apart, in JSON-lines files beside the report written as studies
+are stored (stored_listing): the report itself, and the memory that
+builds it, grow with the run's studies and bad files, not its images.
 """
 from __future__ import annotations
 
 import json
-from typing import Any, Dict, List
+import posixpath
+from typing import Any, Dict, Iterable, List
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
+from transforms.keys import join_uri
 from transforms.records import (FAILED, FLAGGED, REJECTED, Excluded,
                                 StoredStudy)
+from transforms.sinks import write_text_file
+
+STORED_PREFIX = "stored-"
 
 
 def study_summary(stored: StoredStudy) -> Dict[str, Any]:
-  """What the report keeps of a stored study: small, no headers. The
-  'objects' list holds studies written in this run; skipped ones (already
-  stored) count among 'studies' and their files among 'stored'."""
+  """What the report keeps of a stored study: small, no headers, nothing per
+  image. The 'objects' list holds studies written in this run; skipped ones
+  (already stored) count among 'studies' and their files among the stored."""
   return {
       "uri": stored.location.uri,
       "entity_id": stored.study.entity_id,
@@ -27,31 +35,57 @@ def study_summary(stored: StoredStudy) -> Dict[str, Any]:
       "instances": len(stored.members),
       "size_bytes": stored.location.size_bytes,
       "md5_hash": stored.location.md5_hash,
-      "files": [{"path": i.source.path, "member": m.member}
-                for i, m in zip(stored.study.images, stored.members)],
   }
+
+
+def stored_files(stored: StoredStudy) -> Iterable[Dict[str, str]]:
+  """One line of the stored listing per image of a stored (or skipped)
+  study: its input path, its study object and its member there."""
+  for image, member in zip(stored.study.images, stored.members):
+    yield {"path": image.source.path, "object": stored.location.uri,
+           "member": member.member}
+
+
+def stored_listing(report_path: str, run_id: str) -> str:
+  """The stored listing's folder, beside the report."""
+  return join_uri(posixpath.dirname(report_path), STORED_PREFIX + run_id)
+
+
+def write_stored_files(stored: StoredStudy, listing: str) -> str:
+  """The study's lines of the stored listing, one file per study object,
+  named after it: written whole, so a retried bundle rewrites the same file
+  (no temporary files to rename, which Cloud Storage does by copying)."""
+  name = posixpath.basename(stored.location.uri)
+  path = join_uri(listing, name[:-len(".tar.gz")] + ".json")
+  write_text_file(path, "".join(json.dumps(line, sort_keys=True) + "\n"
+                                for line in stored_files(stored)))
+  return path
+
+
+def read_stored_listing(report: Dict[str, Any]) -> List[Dict[str, str]]:
+  """Every line of a report's stored listing (local or gs://), by path."""
+  entries = []
+  for match in FileSystems.match([report["stored_files"]])[0].metadata_list:
+    with FileSystems.open(match.path) as f:
+      entries.extend(json.loads(line) for line in f.read().decode(
+          "utf-8").splitlines() if line)
+  return sorted(entries, key=lambda e: e["path"])
 
 
 def build_report(run_id: str, version: str, collection: str,
                  discovered: int, entities: int, excluded: List[Excluded],
                  studies: List[Dict[str, Any]], skipped: List[Dict[str, Any]],
-                 rows_written: int, dead_letters: int) -> Dict[str, Any]:
+                 rows_written: int, dead_letters: int, listing: str
+                 ) -> Dict[str, Any]:
   by_status = {s: sorted(({"path": e.path, "entity_id": e.entity_id,
                            "reason": e.reason} for e in excluded
                           if e.status == s), key=lambda d: d["path"])
                for s in (FLAGGED, REJECTED, FAILED)}
-  studies = sorted(studies, key=lambda s: s["uri"])
-  stored_files = sorted(
-      ({"path": f["path"], "object": s["uri"], "member": f["member"]}
-       for s in studies + skipped for f in s["files"]),
-      key=lambda d: d["path"])
-  objects = [{k: s[k] for k in ("uri", "entity_id", "study_instance_uid",
-                                "instances", "size_bytes", "md5_hash")}
-             for s in studies]
+  objects = sorted(studies, key=lambda s: s["uri"])
   summary = {
       "entities": entities,
       "images_seen": discovered,
-      "kept": len(stored_files),
+      "kept": sum(s["instances"] for s in studies + skipped),
       "flagged": len(by_status[FLAGGED]),
       "rejected": len(by_status[REJECTED]),
       "failed": len(by_status[FAILED]),
@@ -64,7 +98,7 @@ def build_report(run_id: str, version: str, collection: str,
   }
   return {"run_id": run_id, "pipeline_version": version,
           "collection": collection, "summary": summary, "objects": objects,
-          "stored": stored_files, **by_status}
+          "stored_files": join_uri(listing, "*.json"), **by_status}
 
 
 def format_summary(report: Dict[str, Any]) -> str:
@@ -143,7 +177,8 @@ def _write_report(keyed_outcome, path, run_id, version, collection):
                         len(outcome["entities"]), outcome["excluded"],
                         outcome["studies"], outcome["skipped"],
                         outcome["rows_sent"] - outcome["refused"],
-                        outcome["dead_letters"])
+                        outcome["dead_letters"],
+                        stored_listing(path, run_id))
   write_report(path, report)
   yield path
 
@@ -153,7 +188,8 @@ def _facts(pcoll, label: str, kind: str, value=lambda v: None):
 
 
 class WriteRunReport(beam.PTransform):
-  """Collects the run's outcome into one JSON report at `path`."""
+  """Collects the run's outcome into one JSON report at `path`, and lists
+  the stored files beside it (stored_listing)."""
 
   def __init__(self, path: str, run_id: str, version: str, collection: str):
     super().__init__()
@@ -178,6 +214,13 @@ class WriteRunReport(beam.PTransform):
         _facts(parts["refused"], "Refused", "refused"),
         _facts(parts["dead_letter"], "DeadLetters", "dead_letters"),
     ]
+    # Each where its studies are, not behind a Flatten: the local runner
+    # materializes a multi-input Flatten, which would pass every study's
+    # members through the driver.
+    listing = stored_listing(self.path, self.run_id)
+    for part in ("stored", "skipped"):
+      _ = parts[part] | f"List{part.title()}Files" >> beam.Map(
+          write_stored_files, listing)
     return (facts
             | "AllFacts" >> beam.Flatten()
             | "OneKey" >> beam.Map(lambda fact: (None, fact))
