@@ -19,7 +19,7 @@ from apache_beam.io.filesystems import FileSystems
 from transforms.keys import join_uri
 from transforms.records import (FAILED, FLAGGED, REJECTED, Excluded,
                                 StoredStudy)
-from transforms.sinks import write_text_file
+from transforms.sinks import json_line, write_text_file
 
 STORED_PREFIX = "stored-"
 
@@ -57,7 +57,7 @@ def write_stored_files(stored: StoredStudy, listing: str) -> str:
   (no temporary files to rename, which Cloud Storage does by copying)."""
   name = posixpath.basename(stored.location.uri)
   path = join_uri(listing, name[:-len(".tar.gz")] + ".json")
-  write_text_file(path, "".join(json.dumps(line, sort_keys=True) + "\n"
+  write_text_file(path, "".join(json_line(line) + "\n"
                                 for line in stored_files(stored)))
   return path
 

@@ -47,7 +47,7 @@ class CheckRows(beam.PTransform):
         DEAD_LETTER_TAG, main="valid")
 
 
-def _to_json_line(record: Dict[str, Any]) -> str:
+def json_line(record: Dict[str, Any]) -> str:
   return json.dumps(record, sort_keys=True, ensure_ascii=False)
 
 
@@ -68,13 +68,13 @@ class WriteJsonLines(beam.PTransform):
 
   def expand(self, records):
     return (records
-            | "ToJson" >> beam.Map(_to_json_line)
+            | "ToJson" >> beam.Map(json_line)
             | "Write" >> beam.io.WriteToText(
                 join_uri(self.directory, self.name), file_name_suffix=".json"))
 
 
 def _write_lines(keyed_records, path: str):
-  lines = sorted(_to_json_line(r) + "\n" for r in keyed_records[1])
+  lines = sorted(json_line(r) + "\n" for r in keyed_records[1])
   write_text_file(path, "".join(lines))
   yield path
 
