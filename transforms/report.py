@@ -16,7 +16,7 @@ from typing import Any, Dict, Iterable, List
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
-from transforms.keys import join_uri
+from transforms.keys import ARCHIVE_SUFFIX, join_uri
 from transforms.records import (FAILED, FLAGGED, REJECTED, Excluded,
                                 StoredStudy)
 from transforms.sinks import json_line, write_text_file
@@ -55,8 +55,8 @@ def write_stored_files(stored: StoredStudy, listing: str) -> str:
   """The study's lines of the stored listing, one file per study object,
   named after it: written whole, so a retried bundle rewrites the same file
   (no temporary files to rename, which Cloud Storage does by copying)."""
-  name = posixpath.basename(stored.location.uri)
-  path = join_uri(listing, name[:-len(".tar.gz")] + ".json")
+  name = posixpath.basename(stored.location.uri).removesuffix(ARCHIVE_SUFFIX)
+  path = join_uri(listing, name + ".json")
   write_text_file(path, "".join(json_line(line) + "\n"
                                 for line in stored_files(stored)))
   return path
