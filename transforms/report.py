@@ -171,14 +171,13 @@ class _CollectOutcome(beam.CombineFn):
     return acc
 
 
-def _write_report(keyed_outcome, path, run_id, version, collection):
+def _write_report(keyed_outcome, path, run_id, version, collection, listing):
   outcome = keyed_outcome[1]
   report = build_report(run_id, version, collection, outcome["seen"],
                         len(outcome["entities"]), outcome["excluded"],
                         outcome["studies"], outcome["skipped"],
                         outcome["rows_sent"] - outcome["refused"],
-                        outcome["dead_letters"],
-                        stored_listing(path, run_id))
+                        outcome["dead_letters"], listing)
   write_report(path, report)
   yield path
 
@@ -226,4 +225,4 @@ class WriteRunReport(beam.PTransform):
             | "OneKey" >> beam.Map(lambda fact: (None, fact))
             | "Collect" >> beam.CombinePerKey(_CollectOutcome())
             | "Write" >> beam.FlatMap(_write_report, self.path, self.run_id,
-                                      self.version, self.collection))
+                                      self.version, self.collection, listing))
