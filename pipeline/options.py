@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import os
 import re
 from typing import List, Optional
 
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.options.pipeline_options import (PipelineOptions,
+                                                  _BeamArgumentParser)
 
 from transforms import dicom, discover, phi, studies
 from transforms.archive import DEFAULT_COMPRESSION_LEVEL
@@ -111,6 +113,42 @@ class StorageOptions(PipelineOptions):
         choices=["STREAMING_INSERTS", "FILE_LOADS"],
         help="How rows reach BigQuery: STREAMING_INSERTS (as studies finish) "
              "or FILE_LOADS (load jobs, for large backfills).")
+
+
+class _RaisingParser(_BeamArgumentParser):
+  """Beam's parser, raising OptionsError instead of printing usage."""
+
+  def error(self, message):
+    raise OptionsError(message)
+
+
+def check_arguments(argv: List[str]) -> None:
+  """Every argument must be an option of this pipeline or of Beam.
+
+  Beam drops an argument it does not know with a warning and runs on: a
+  misspelled --phi_rules would store images without the rule asked for.
+  Raises OptionsError naming the argument and the closest known option.
+  """
+  parser = _RaisingParser(allow_abbrev=False, add_help=False)
+  # Every options class Beam itself would parse with (as get_all_options).
+  classes = {}
+  for cls in PipelineOptions.__subclasses__():
+    classes.setdefault(str(cls), cls)
+  for cls in classes.values():
+    cls._add_argparse_args(parser)  # pylint: disable=protected-access
+  _, unknown = parser.parse_known_args(argv)
+  if not unknown:
+    return
+  arg = next((a for a in unknown if a.startswith("-")), unknown[0])
+  if not arg.startswith("-"):
+    raise OptionsError(f"unexpected argument {arg!r}: options are written "
+                       "--name=value (see --help)")
+  name = arg.split("=", 1)[0]
+  known = [o for action in parser._actions  # pylint: disable=protected-access
+           for o in action.option_strings]
+  close = difflib.get_close_matches(name, known, n=1)
+  hint = f"; did you mean {close[0]}?" if close else " (see --help)"
+  raise OptionsError(f"unknown option {name}{hint}")
 
 
 def help_text() -> str:

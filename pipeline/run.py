@@ -26,7 +26,7 @@ from pipeline.local_workers import (WarmWorkers, default_worker_count,
                                     return_large_buffers_to_the_os,
                                     take_warm_workers)
 from pipeline.options import (OptionsError, RunConfig, StorageOptions,
-                              help_text, resolve)
+                              check_arguments, help_text, resolve)
 from transforms.access import AccessError, check_cloud_access, explain_forbidden
 from transforms.archive import WriteStudyArchive
 from transforms.bigquery import WriteRowsBigQuery, ensure_dataset_and_view
@@ -183,6 +183,7 @@ def _counter(result, name: str) -> int:
 def run(argv: Optional[List[str]] = None) -> dict:
   """Runs the pipeline; returns the run report. Raises OptionsError."""
   argv = list(sys.argv[1:] if argv is None else argv)
+  check_arguments(argv)
   use_emulator_if_configured()   # no-op unless BIGQUERY_EMULATOR_HOST is set
   options = PipelineOptions(argv)
   run_id = new_run_id()
