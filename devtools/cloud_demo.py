@@ -5,7 +5,7 @@ Starts fake-gcs-server and bqemulator on free loopback ports, runs the
 pipeline on the sample data with `--bucket gs://radiology
 --bigquery_project demo-project` (only STORAGE_EMULATOR_HOST and
 BIGQUERY_EMULATOR_HOST point it at the emulators), prints rows from a real
-query, fetches one image back with one ranged read, and stops both servers.
+query and of a nested-sequence query, fetches one image back with one ranged read, and stops both servers.
 """
 from __future__ import annotations
 
@@ -20,6 +20,14 @@ from devtools.emulators import bigquery_emulator, create_bucket, gcs_emulator
 PROJECT = "demo-project"
 COLLECTION = "IRB41449"
 REPO = Path(__file__).resolve().parents[1]
+
+
+def shipped_query(name: str, **params):
+  """The rows a file in queries/ gives on the emulator's table."""
+  from transforms.bigquery import query_rows
+  sql = (REPO / "queries" / name).read_text().replace(
+      "my-research-project", PROJECT)
+  return list(query_rows(f"{PROJECT}:{COLLECTION}.dicom", sql, params))
 
 
 def main() -> int:
@@ -37,13 +45,17 @@ def main() -> int:
     if done.returncode:
       return done.returncode
 
-    from transforms.bigquery import bigquery_client
-    sql = (REPO / "queries" / "ct_study_objects.sql").read_text().replace(
-        "my-research-project", PROJECT)
     print("\nqueries/ct_study_objects.sql:")
-    for row in bigquery_client(PROJECT).query(sql).result():
+    for row in shipped_query("ct_study_objects.sql"):
       print(f"  {row['entity_id']}  {row['StudyDate']}  {row['uri']}")
+    print("\nqueries/images_with_procedure_modifier.sql, meaning 'right' (a "
+          "modifier two sequence levels deep):")
+    for row in shipped_query("images_with_procedure_modifier.sql",
+                             meaning="right"):
+      print(f"  {row['entity_id']}  {row['sop_instance_uid']}  first "
+            f"procedure {row['first_procedure_code']}")
 
+    from transforms.bigquery import bigquery_client
     sql = (f"SELECT sop_instance_uid, storage.member AS member "
            f"FROM `{PROJECT}.{COLLECTION}.dicom_current` "
            f"ORDER BY sop_instance_uid LIMIT 1")

@@ -1,8 +1,9 @@
 """Build a realistic sample input tree from real DICOM files that pydicom ships.
 
 One folder per entity; several studies per entity, several series per study;
-fresh, deterministic UIDs; nested sequences in the headers; and the kinds of
-input the pipeline must keep out: a PHI/ folder, a burned-in image, a
+fresh, deterministic UIDs; nested sequences two levels deep, a private tag
+and a multi-valued ImageType with LOCALIZER in the headers, for the queries
+in queries/; and the kinds of input the pipeline must keep out: a PHI/ folder, a burned-in image, a
 non-DICOM file and a corrupt file.
 
   python -m devtools.sample_data OUT_DIR [--seed N]
@@ -34,18 +35,36 @@ def load_source(name: str) -> Dataset:
   return pydicom.dcmread(get_testdata_file(name))
 
 
-def procedure_code(code: str, meaning: str) -> Sequence:
-  """A two-level nested sequence: a code with a modifier code inside."""
-  modifier = Dataset()
-  modifier.CodeValue = "L0001"
-  modifier.CodingSchemeDesignator = "LOCAL"
-  modifier.CodeMeaning = "left"
+def _code(value: str, scheme: str, meaning: str) -> Dataset:
   item = Dataset()
-  item.CodeValue = code
-  item.CodingSchemeDesignator = "LN"
+  item.CodeValue = value
+  item.CodingSchemeDesignator = scheme
   item.CodeMeaning = meaning
-  item.ProcedureCodeSequence = Sequence([modifier])
-  return Sequence([item])
+  return item
+
+
+# A second requested procedure, in the second study of every entity: found
+# only by a query that looks at every item of the sequence, not the first.
+SECOND_PROCEDURE = ("36643-5", "XR Chest 2 Views")
+PRIVATE_CREATOR = "DICOMSTORE SAMPLE"
+PRIVATE_PROTOCOL_TAG = 0x00091001   # (0009,1001), under PRIVATE_CREATOR
+
+
+def procedure_codes(entity: int, study: int) -> Sequence:
+  """A nested sequence two levels deep: requested procedure codes, each
+  with a laterality modifier code inside; the second study of each entity
+  has a second procedure, on the right side for entities 1 and 3."""
+  first = _code(f"{24627 + study}-{entity}", "LN",
+                f"Sample procedure {study + 1}")
+  first.ProcedureCodeSequence = Sequence([_code("L0001", "LOCAL", "left")])
+  items = [first]
+  if study == 1:
+    second = _code(SECOND_PROCEDURE[0], "LN", SECOND_PROCEDURE[1])
+    side = ("R0001", "LOCAL", "right") if entity % 2 == 0 else (
+        "L0001", "LOCAL", "left")
+    second.ProcedureCodeSequence = Sequence([_code(*side)])
+    items.append(second)
+  return Sequence(items)
 
 
 @dataclasses.dataclass
@@ -61,7 +80,8 @@ def write_instance(source: Dataset, path: Path, *, entity: str, study_uid: str,
                    series_uid: str, sop_uid: str, study_date: Optional[str],
                    accession: Optional[str], series_number: int,
                    instance_number: int, extra: Optional[Dict] = None) -> Path:
-  """Saves a copy of a real dataset with new identity attributes."""
+  """Saves a copy of a real dataset with new identity attributes, and
+  extra attributes by keyword, or by tag for private ones (VR, value)."""
   ds = copy.deepcopy(source)
   ds.PatientID = entity
   ds.PatientName = entity
@@ -80,7 +100,10 @@ def write_instance(source: Dataset, path: Path, *, entity: str, study_uid: str,
   ds.SeriesNumber = series_number
   ds.InstanceNumber = instance_number
   for keyword, value in (extra or {}).items():
-    setattr(ds, keyword, value)
+    if isinstance(keyword, int):   # a private tag: (VR, value)
+      ds.add_new(keyword, *value)
+    else:
+      setattr(ds, keyword, value)
   path.parent.mkdir(parents=True, exist_ok=True)
   ds.save_as(path, enforce_file_format=True)
   return path
@@ -114,8 +137,13 @@ def build_sample(out: Path, seed: int = 0, entities: int = 3,
               instance_number=i + 1,
               extra={"StudyDescription": f"Sample study {s + 1}",
                      "BodyPartExamined": ("CHEST", "HEAD")[s % 2],
-                     "RequestedProcedureCodeSequence": procedure_code(
-                         f"{24627 + s}-{e}", f"Sample procedure {s + 1}")})
+                     "RequestedProcedureCodeSequence": procedure_codes(e, s),
+                     # The first series of a study is its localizer.
+                     **({"ImageType": ["ORIGINAL", "PRIMARY", "LOCALIZER"]}
+                        if r == 0 else {}),
+                     # A site's private protocol name, under its creator.
+                     0x00090010: ("LO", PRIVATE_CREATOR),
+                     PRIVATE_PROTOCOL_TAG: ("LO", f"protocol-{r + 1}")})
           kept.append(Instance(entity, study_uid, series_uid, sop_uid, path))
     # What must never leave: a PHI/ quarantine folder and a burned-in image.
     study_uid = fresh_uid(seed, entity, 0)

@@ -212,7 +212,7 @@ def resolve(opts: StorageOptions, run_id: str) -> RunConfig:
   except ValueError as e:
     raise OptionsError(str(e)) from e
   try:
-    dicom.keyword_tag(opts.item_id)
+    dicom.check_keyword(opts.item_id)
   except ValueError as e:
     raise OptionsError(f"--item_id: {e}") from e
   if not 0 <= opts.compression_level <= 3:

@@ -29,7 +29,8 @@ from pipeline.options import (OptionsError, RunConfig, StorageOptions,
                               check_arguments, help_text, resolve)
 from transforms.access import AccessError, check_cloud_access, explain_forbidden
 from transforms.archive import WriteStudyArchive
-from transforms.bigquery import WriteRowsBigQuery, ensure_dataset_and_view
+from transforms.bigquery import (IncompatibleTable, WriteRowsBigQuery,
+                                 ensure_dataset_and_view)
 from transforms.bigquery_emulator import (use_emulator_if_configured,
                                           worker_plugin_args)
 from transforms.current import ReadCurrentRows
@@ -200,6 +201,8 @@ def run(argv: Optional[List[str]] = None) -> dict:
   if config.bigquery_table:
     try:
       ensure_dataset_and_view(config.bigquery_table)
+    except IncompatibleTable as e:
+      raise OptionsError(str(e)) from e
     except Exception as e:  # pylint: disable=broad-except
       raise OptionsError(
           f"BigQuery {config.bigquery_table} is not reachable: "

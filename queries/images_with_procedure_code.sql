@@ -1,6 +1,10 @@
--- Every image whose nested RequestedProcedureCodeSequence (0032,1064) has a
--- given code value (0008,0100); metadata is the DICOM JSON model, by tag.
+-- Every image with a given requested procedure code (parameter code) in any item of
+-- its RequestedProcedureCodeSequence, not only the first.
 SELECT entity_id, sop_instance_uid, storage.uri AS uri
 FROM `my-research-project.IRB41449.dicom_current`
-WHERE JSON_EXTRACT_SCALAR(metadata, "$['00321064'].Value[0]['00080100'].Value[0]") = @code
+WHERE EXISTS (
+  SELECT 1
+  FROM UNNEST(JSON_QUERY_ARRAY(metadata, '$.RequestedProcedureCodeSequence'))
+       AS procedure
+  WHERE JSON_VALUE(procedure, '$.CodeValue') = @code)
 ORDER BY sop_instance_uid

@@ -12,10 +12,16 @@ from apache_beam.testing.test_pipeline import TestPipeline
 
 from devtools.sample_data import build_sample
 from pipeline.run import run
+from transforms.header_json import HeaderExport, serialize
 
 # Tests run the DirectRunner in one process unless they ask for more: the
 # multi-process mode is covered by its own end-to-end test.
 IN_PROCESS = ["--direct_num_workers=1", "--direct_running_mode=in_memory"]
+
+
+def exported(header: dict, invalid=()) -> HeaderExport:
+  """A header by keyword, as transforms/header_json.py exports one."""
+  return HeaderExport(header, serialize(header), tuple(invalid))
 
 
 def local_pipeline() -> TestPipeline:

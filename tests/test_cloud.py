@@ -17,12 +17,13 @@ import pytest
 from apache_beam.testing.util import assert_that, equal_to
 
 from conftest import IN_PROCESS, PROJECT, local_pipeline
-from pipeline.run import run
+from pipeline.run import main, run
 from transforms.bigquery import (WriteRowsBigQuery, bigquery_client,
                                  ensure_dataset_and_view)
 from transforms.gcs import storage_client
 from transforms.keys import STUDY_OBJECT_KEY_PATTERN
 from transforms.report import read_stored_listing
+from transforms.schema import TABLE_SCHEMA
 from transforms.sinks import CheckRows
 
 REPO = Path(__file__).parents[1]
@@ -57,9 +58,13 @@ def cloud_run(emulators, sample, tmp_path_factory):
   for bucket in ("pacs-export", "radiology"):
     emulators["create_bucket"](bucket)
   upload_tree(root, "pacs-export", "sample")
+  # Its rows also go to a local folder: queries are answered both ways on
+  # the same rows.
+  local_rows = tmp_path_factory.mktemp("local_rows")
   report = run([
       "--input=gs://pacs-export/sample", "--bucket=gs://radiology",
       "--collection=IRB41449", f"--bigquery_project={PROJECT}",
+      f"--metadata_output={local_rows}",
       f"--dead_letter={tmp_path_factory.mktemp('dead')}", *IN_PROCESS])
   return report, made
 
@@ -99,35 +104,100 @@ def test_objects_and_rows_agree(cloud_run):
     assert path.read_bytes()[-4096:] not in bucket_bytes
 
 
-def test_typed_and_nested_values_are_queryable(cloud_run):
+def test_typed_and_keyword_values_are_queryable(cloud_run):
   _, made = cloud_run
   ct = query(f"SELECT COUNT(*) AS n FROM `{PROJECT}.IRB41449.dicom_current` "
              "WHERE Modality = 'CT' AND StudyDate >= DATE '2019-01-01'")
   assert ct[0]["n"] > 0
-  nested = query(shipped_query("images_with_procedure_code.sql"),
-                 code="24627-0")
-  expected = {k.sop_uid for k in made["kept"]
-              if k.entity == "SUBJ001" and k.path.parts[-3] == "study1"}
-  assert {r["sop_instance_uid"] for r in nested} == expected
+  first = query(
+      f"SELECT sop_instance_uid FROM `{PROJECT}.IRB41449.dicom_current` "
+      "WHERE JSON_VALUE(metadata, '$.RequestedProcedureCodeSequence[0]"
+      ".ProcedureCodeSequence[0].CodeMeaning') = 'left' AND JSON_VALUE("
+      "metadata, '$.RequestedProcedureCodeSequence[0].CodeValue') = '24627-0'")
+  assert sorted(r["sop_instance_uid"] for r in first) == _kept(
+      made, lambda k: _where(k) == ("SUBJ001", "study1"))
 
 
-def test_the_shipped_queries_answer_correctly(cloud_run):
-  _, made = cloud_run
-  rows = query(f"SELECT Modality, BodyPartExamined, storage.uri AS uri, "
-               f"entity_id, study_instance_uid "
-               f"FROM `{PROJECT}.IRB41449.dicom_current`")
-  ct_objects = sorted({r["uri"] for r in rows if r["Modality"] == "CT"})
-  got = query(shipped_query("ct_study_objects.sql"))
-  assert sorted(r["uri"] for r in got) == ct_objects and ct_objects
-  counts = {}
-  for r in rows:
-    key = (r["Modality"], r["BodyPartExamined"])
-    counts[key] = counts.get(key, 0) + 1
-  got = query(shipped_query("images_per_modality_body_part.sql"))
-  assert {(r["Modality"], r["BodyPartExamined"]): r["images"] for r in got} == counts
-  one = made["kept"][3]
-  got = query(shipped_query("image_coordinates.sql"), sop_instance_uid=one.sop_uid)
-  assert len(got) == 1 and got[0]["uri"].startswith("gs://radiology/")
+def _where(instance):
+  """(entity, study folder) of a sample instance."""
+  return instance.entity, instance.path.parts[-3]
+
+
+def _kept(made, keep):
+  return sorted(k.sop_uid for k in made["kept"] if keep(k))
+
+
+# Each file in queries/: its parameters, the column checked, and what it
+# must answer on the sample (devtools/sample_data.py says what each entity,
+# study and series folder holds); None: worked out from the rows below.
+SHIPPED = {
+    "images_with_procedure_code.sql": (   # the second item only
+        {"code": "36643-5"}, "sop_instance_uid",
+        lambda made: _kept(made, lambda k: _where(k)[1] == "study2")),
+    "images_with_procedure_modifier.sql": (
+        {"meaning": "right"}, "sop_instance_uid",
+        lambda made: _kept(made, lambda k: _where(k) in (
+            ("SUBJ001", "study2"), ("SUBJ003", "study2")))),
+    "images_with_private_tag.sql": (
+        {"protocol": "protocol-2"}, "sop_instance_uid",
+        lambda made: _kept(made, lambda k: k.path.parts[-2] == "series2")),
+    "localizer_images.sql": (
+        {}, "sop_instance_uid",
+        lambda made: _kept(made, lambda k: k.path.parts[-2] == "series1")),
+    "image_coordinates.sql": (None, "uri", None),
+    "ct_study_objects.sql": ({}, "uri", None),
+    "images_per_modality_body_part.sql": ({}, "images", None),
+}
+
+
+def test_every_query_file_is_checked():
+  assert sorted(p.name for p in QUERIES.glob("*.sql")) == sorted(SHIPPED)
+
+
+def _local_answer(report, name, params, capsys):
+  from pipeline.query import main as query_main
+  capsys.readouterr()
+  code = query_main([f"@{QUERIES / name}", "--format=jsonl",
+                     f"--metadata_output={report['metadata_output']}",
+                     *[f"--param={k}={v}" for k, v in params.items()]])
+  out = capsys.readouterr().out
+  assert code == 0
+  return [json.loads(line) for line in out.splitlines()]
+
+
+def _plain(rows):
+  from pipeline.query import plain
+  return [json.loads(json.dumps(plain(r))) for r in rows]
+
+
+@pytest.mark.parametrize("name", sorted(SHIPPED))
+def test_shipped_queries_answer_alike_on_the_emulator_and_locally(
+    cloud_run, name, capsys):
+  """Every query in queries/: its known answer on the emulator, and the
+  same rows in the same order from python -m pipeline.query over the same
+  run's local rows."""
+  report, made = cloud_run
+  params, column, expected = SHIPPED[name]
+  current = query(f"SELECT Modality, BodyPartExamined, storage.uri AS uri, "
+                  f"sop_instance_uid FROM `{PROJECT}.IRB41449.dicom_current`")
+  if name == "image_coordinates.sql":
+    one = made["kept"][3]
+    params = {"sop_instance_uid": one.sop_uid}
+    expected = [next(r["uri"] for r in current
+                     if r["sop_instance_uid"] == one.sop_uid)]
+  elif name == "ct_study_objects.sql":
+    expected = sorted({r["uri"] for r in current if r["Modality"] == "CT"})
+  elif name == "images_per_modality_body_part.sql":
+    counts = {}
+    for r in current:
+      key = (r["Modality"], r["BodyPartExamined"])
+      counts[key] = counts.get(key, 0) + 1
+    expected = sorted(counts.values())
+  else:
+    expected = expected(made)
+  on_emulator = query(shipped_query(name), **params)
+  assert sorted(r[column] for r in on_emulator) == expected and expected
+  assert _local_answer(report, name, params, capsys) == _plain(on_emulator)
 
 
 def test_fetch_one_image_transfers_only_its_member(cloud_run, emulators, tmp_path):
@@ -185,8 +255,55 @@ def test_file_loads(emulators, sample, tmp_path):
       "--bigquery_method=FILE_LOADS", "--temp_location=gs://fl-bucket/tmp",
       f"--metadata_output={tmp_path}", *IN_PROCESS])
   assert report["summary"]["rows"] == len(made["kept"])
-  got = query(f"SELECT COUNT(*) AS n FROM `{PROJECT}.FILELOADS.dicom`")
-  assert got[0]["n"] == len(made["kept"])
+  # A load job takes metadata as the nested object: the same keyword
+  # queries work on it as on streamed rows.
+  assert _procedure_images(f"{PROJECT}.FILELOADS.dicom") == _kept(
+      made, lambda k: _where(k)[1] == "study2")
+  # And the local row files load as they are, with schema.json (bq load).
+  from google.cloud import bigquery
+  client = bigquery_client(PROJECT)
+  schema = [bigquery.SchemaField.from_api_repr(f) for f in
+            json.loads((tmp_path / "schema.json").read_text())]
+  client.create_dataset("LOCALLOAD", exists_ok=True)
+  for rows_file in sorted(tmp_path.glob("rows-*.json")):
+    with open(rows_file, "rb") as f:
+      client.load_table_from_file(
+          f, f"{PROJECT}.LOCALLOAD.dicom", job_config=bigquery.LoadJobConfig(
+              source_format="NEWLINE_DELIMITED_JSON", schema=schema)).result()
+  assert _procedure_images(f"{PROJECT}.LOCALLOAD.dicom") == _kept(
+      made, lambda k: _where(k)[1] == "study2")
+
+
+def _procedure_images(table: str):
+  return sorted(r["sop_instance_uid"] for r in query(
+      shipped_query("images_with_procedure_code.sql").replace(
+          f"{PROJECT}.IRB41449.dicom_current", table), code="36643-5"))
+
+
+def test_a_table_of_an_earlier_version_stops_the_run(emulators, sample,
+                                                      tmp_path, capsys):
+  """A table whose metadata is STRING (before the keyword JSON) is never
+  mixed with new rows: the run stops before any work, naming it."""
+  from google.cloud import bigquery
+  root, _ = sample
+  client = bigquery_client(PROJECT)
+  client.create_dataset("OLDVERSION", exists_ok=True)
+  old = [dict(f, type="STRING") if f["name"] == "metadata" else f
+         for f in TABLE_SCHEMA["fields"]]
+  client.create_table(bigquery.Table(
+      f"{PROJECT}.OLDVERSION.dicom",
+      schema=[bigquery.SchemaField.from_api_repr(f) for f in old]))
+  code = main([f"--input={root}", f"--bucket={tmp_path / 'bucket'}",
+               "--collection=OLDVERSION", f"--bigquery_project={PROJECT}",
+               *IN_PROCESS])
+  assert code == 2
+  error = capsys.readouterr().err.strip().splitlines()
+  assert len(error) == 1 and error[0].startswith(
+      f"error: BigQuery table {PROJECT}:OLDVERSION.dicom does not fit")
+  assert "(metadata is STRING, not JSON)" in error[0]
+  assert "--bigquery_table PROJECT:DATASET.NEW_TABLE" in error[0]
+  assert not list((tmp_path / "bucket").rglob("*.tar.gz"))
+  assert not query(f"SELECT * FROM `{PROJECT}.OLDVERSION.dicom`")
 
 
 @pytest.mark.parametrize("env,expected", [

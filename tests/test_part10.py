@@ -10,7 +10,7 @@ import pytest
 from pydicom.data import get_testdata_file, get_testdata_files
 from pydicom.dataelem import RawDataElement
 
-from transforms.header_json import header_and_text, pydicom_header_json, serialize
+from transforms.header_json import export_by_pydicom, export_header
 from transforms.part10 import part10_header, read_part10_header
 
 BLOCK = 64 * 1024
@@ -61,9 +61,9 @@ def test_same_as_pydicom_on_every_file_pydicom_ships():
     assert header.dataset.original_encoding == ds.original_encoding, path
     assert header.dataset._character_set == ds._character_set, path  # pylint: disable=protected-access
     # The exported header, which is what the pipeline keeps of it.
-    text = header_and_text(header.dataset)[1]
-    assert text == header_and_text(_pydicom_read(path)[0])[1], path
-    assert text == serialize(pydicom_header_json(_pydicom_read(path)[0])), path
+    exported = export_header(header.dataset)
+    assert exported == export_header(_pydicom_read(path)[0]), path
+    assert exported == export_by_pydicom(_pydicom_read(path)[0]), path
   # Most files are read here (the rest: no preamble, big endian, deflated,
   # implicit VR data under an explicit VR syntax, broken on purpose ...),
   # sequences of undefined length among them.
@@ -172,14 +172,14 @@ def test_damaged_headers_read_as_pydicom_reads_them_or_go_to_pydicom(name):
     if header is None:
       continue
     try:
-      expected = header_and_text(pydicom.dcmread(
-          io.BytesIO(bytes(damaged)), stop_before_pixels=True))[1]
+      expected = export_header(pydicom.dcmread(
+          io.BytesIO(bytes(damaged)), stop_before_pixels=True)).text
     except Exception:  # pylint: disable=broad-except
       # pydicom cannot read or export it: neither can this reader's
       # dataset be exported, so the file is rejected either way.
       with pytest.raises(Exception):
-        header_and_text(header.dataset)
+        export_header(header.dataset)
       continue
-    assert header_and_text(header.dataset)[1] == expected
+    assert export_header(header.dataset).text == expected
     read_here += 1
   assert read_here > 30

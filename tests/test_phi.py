@@ -1,9 +1,13 @@
+from pathlib import Path
+
+import pydicom
 from apache_beam import Create, Map
+from pydicom.data import get_testdata_file
 from apache_beam.testing.util import assert_that, equal_to
 
-from conftest import local_pipeline
+from conftest import exported, local_pipeline
 from transforms.phi import FlagPhiByHeader, FlagPhiByPath
-from transforms.dicom import image_record
+from transforms.dicom import image_record, read_image_record
 from transforms.records import FLAGGED, SourceFile
 
 
@@ -12,11 +16,10 @@ def _src(relpath):
 
 
 def _img(relpath, burned):
-  header = {"0020000D": {"vr": "UI", "Value": ["1"]},
-            "00080018": {"vr": "UI", "Value": [relpath]}}
+  header = {"StudyInstanceUID": "1", "SOPInstanceUID": relpath}
   if burned is not None:
-    header["00280301"] = {"vr": "CS", "Value": [burned]}
-  return image_record(_src(relpath), header)
+    header["BurnedInAnnotation"] = burned
+  return image_record(_src(relpath), exported(header))
 
 
 def test_phi_folder_at_any_depth_is_flagged():
@@ -51,23 +54,33 @@ def test_rules_can_be_switched_off():
     assert_that(out.kept | Map(lambda i: i.sop_instance_uid), equal_to(["1"]))
 
 
-def _ct_image(**attrs):
-  import pydicom
-  from pydicom.data import get_testdata_file
-  from transforms.header_json import header_json
-  ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"), stop_before_pixels=True)
+def _ct_image(folder, **attrs):
+  """A CT image written to folder (the deid rule reads the file's header)."""
+  ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
   for k, v in attrs.items():
     setattr(ds, k, v)
-  return image_record(_src(f"{ds.Modality}.dcm"), header_json(ds))
+  path = folder / f"{len(list(folder.iterdir()))}.dcm"
+  ds.save_as(path)
+  with open(path, "rb") as f:
+    return read_image_record(SourceFile(str(path), "E1", path.name,
+                                        path.stat().st_size), f)
 
 
-def test_deid_rule_with_its_default_recipe():
+def test_deid_rule_with_its_default_recipe(tmp_path):
   from transforms.phi import DeidRecipeRule
   rule = DeidRecipeRule()
-  assert rule.check(_ct_image()) is None
-  reason = rule.check(_ct_image(ImageType=["DERIVED", "SECONDARY"]))
+  assert rule.check(_ct_image(tmp_path)) is None
+  reason = rule.check(_ct_image(tmp_path, ImageType=["DERIVED", "SECONDARY"]))
   assert reason.startswith("deid recipe blacklist:")
   assert "DERIVED" in reason
+
+
+def test_deid_rule_flags_a_file_it_cannot_read_again(tmp_path):
+  from transforms.phi import DeidRecipeRule
+  image = _ct_image(tmp_path)
+  Path(image.source.path).unlink()
+  reason = DeidRecipeRule().check(image)
+  assert reason.startswith("the header could not be read again for deid")
 
 
 RECIPE = """FORMAT dicom
@@ -79,9 +92,9 @@ LABEL Any CT from our lab scanner
 """
 
 
-def test_deid_rule_with_a_recipe_file_flags_through_the_transform():
+def test_deid_rule_with_a_recipe_file_flags_through_the_transform(tmp_path):
   with local_pipeline() as p:
-    out = p | Create([_ct_image()]) | FlagPhiByHeader(
+    out = p | Create([_ct_image(tmp_path)]) | FlagPhiByHeader(
         ["deid"], deid_recipe_text=RECIPE)
     assert_that(out.kept, equal_to([]), label="kept")
     assert_that(out.excluded | Map(lambda e: e.reason), equal_to(

@@ -3,7 +3,7 @@ import json
 from apache_beam import Create
 from apache_beam.testing.util import assert_that, equal_to
 
-from conftest import local_pipeline
+from conftest import exported, local_pipeline
 from transforms.dicom import image_record
 from transforms.records import (MemberLocation, ObjectLocation,
                                 SourceFile, StoredStudy, Study)
@@ -14,18 +14,18 @@ from transforms.sinks import CheckRows
 
 def _stored():
   header = {
-      "00080020": {"vr": "DA", "Value": ["20070931"]},        # not a date
-      "00080060": {"vr": "CS", "Value": ["CT"]},
-      "00080008": {"vr": "CS", "Value": ["ORIGINAL", "PRIMARY"]},
-      "00280010": {"vr": "US", "Value": [512]},
-      "00180050": {"vr": "DS", "Value": ["NaN"], "InvalidValue": True},
-      "00280030": {"vr": "DS", "Value": [0.5, 0.5]},
-      "00100010": {"vr": "PN", "Value": [{"Alphabetic": "SUBJ^ONE"}]},
+      "StudyDate": "20070931",                                 # not a date
+      "Modality": "CT",
+      "ImageType": ["ORIGINAL", "PRIMARY"],
+      "Rows": 512,
+      "SliceThickness": "NaN",                                 # kept as written
+      "PixelSpacing": [0.5, 0.5],
+      "PatientName": "SUBJ^ONE",
+      "StudyInstanceUID": "1.1", "SeriesInstanceUID": "1.1.1",
+      "SOPInstanceUID": "1.1.1.1",
   }
-  header.update({"0020000D": {"vr": "UI", "Value": ["1.1"]},
-                 "0020000E": {"vr": "UI", "Value": ["1.1.1"]},
-                 "00080018": {"vr": "UI", "Value": ["1.1.1.1"]}})
-  image = image_record(SourceFile("/in/E1/a.dcm", "E1", "a.dcm", 10), header,
+  image = image_record(SourceFile("/in/E1/a.dcm", "E1", "a.dcm", 10),
+                       exported(header, ["$.SliceThickness"]),
                        "1.2.840.10008.1.2.1")
   study = Study("E1", "1.1", "00000000", "A1",
                 "Collection/C/Entity/E1/E1_00000000_A1.tar.gz", (image,))
@@ -41,6 +41,7 @@ def test_typed_columns_are_null_where_values_do_not_fit():
   assert cols["Modality"] == "CT" and cols["Rows"] == 512
   assert cols["ImageType"] == ["ORIGINAL", "PRIMARY"]
   assert cols["PixelSpacing"] == [0.5, 0.5]
+  assert cols["invalid_values"] == ["$.SliceThickness"]
 
 
 def test_dates_are_read_only_as_dicom_dates():
@@ -57,8 +58,8 @@ def test_built_rows_fit_the_schema():
     assert_that(checked.dead_letter, equal_to([]), label="no dead letters")
     assert_that(checked.valid | __import__("apache_beam").Map(
         lambda r: (r["sop_instance_uid"], r["storage"]["member_length"],
-                   json.loads(r["metadata"])["00080060"]["Value"])),
-        equal_to([("1.1.1.1", 50, ["CT"])]), label="rows")
+                   json.loads(r["metadata"])["Modality"])),
+        equal_to([("1.1.1.1", 50, "CT")]), label="rows")
 
 
 def test_rows_that_do_not_fit_go_to_the_dead_letter_output():

@@ -4,7 +4,7 @@ import pytest
 from apache_beam import Create, Map
 from apache_beam.testing.util import assert_that, equal_to
 
-from conftest import local_pipeline
+from conftest import exported, local_pipeline
 from transforms.dicom import image_record
 from transforms.records import REJECTED, SourceFile
 from transforms.spill import SpilledImages, header_parts
@@ -12,14 +12,13 @@ from transforms.studies import GroupStudies
 
 
 def _img(entity, relpath, study, sop, accession=None, date="20200102"):
-  header = {"00080020": {"vr": "DA", "Value": [date]},
-            "0020000D": {"vr": "UI", "Value": [study]},
-            "0020000E": {"vr": "UI", "Value": [study + ".9"]},
-            "00080018": {"vr": "UI", "Value": [sop]}}
+  header = {"StudyDate": date, "StudyInstanceUID": study,
+            "SeriesInstanceUID": study + ".9", "SOPInstanceUID": sop}
   if accession is not None:
-    header["00080050"] = {"vr": "SH", "Value": [accession]}
+    header["AccessionNumber"] = accession
   return image_record(
-      SourceFile(f"/in/{entity}/{relpath}", entity, relpath, 1), header)
+      SourceFile(f"/in/{entity}/{relpath}", entity, relpath, 1),
+      exported(header))
 
 
 def test_images_group_into_studies_with_their_object_keys(group):

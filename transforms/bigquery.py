@@ -11,13 +11,13 @@ object, are never "current". See the README ("Re-runs").
 from __future__ import annotations
 
 import json
-from typing import Any, Dict, Iterable, Optional, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import apache_beam as beam
 from apache_beam.io.gcp.bigquery_tools import RetryStrategy
 
 from transforms import bigquery_emulator
-from transforms.schema import TABLE_SCHEMA
+from transforms.schema import METADATA, TABLE_SCHEMA
 
 # Month partitions by study date (a day per partition would pass BigQuery's
 # partition limit over decades of studies); clustered for the lookups
@@ -55,23 +55,72 @@ def bigquery_client(project: str):
 
 
 def current_view_sql(table: str) -> str:
-  """Rows of each study's newest object, one per image."""
+  """Rows of each study's newest object, one per image. (Every column is
+  qualified by the table's alias: bqemulator otherwise loses the storage
+  record inside a query that also has an UNNEST.)"""
   return f"""
-SELECT * EXCEPT (_newest, _copy) FROM (
-  SELECT *,
-    MAX(storage.written_at) OVER (
-        PARTITION BY entity_id, study_instance_uid) AS _newest,
+SELECT * EXCEPT (_written_at, _newest, _copy) FROM (
+  SELECT t.*, t.storage.written_at AS _written_at,
+    MAX(t.storage.written_at) OVER (
+        PARTITION BY t.entity_id, t.study_instance_uid) AS _newest,
     ROW_NUMBER() OVER (
-        PARTITION BY entity_id, study_instance_uid, sop_instance_uid,
-                     storage.written_at
-        ORDER BY run_id) AS _copy
-  FROM {sql_table(table)})
-WHERE storage.written_at = _newest AND _copy = 1"""
+        PARTITION BY t.entity_id, t.study_instance_uid, t.sop_instance_uid,
+                     t.storage.written_at
+        ORDER BY t.run_id) AS _copy
+  FROM {sql_table(table)} AS t)
+WHERE _written_at = _newest AND _copy = 1"""
+
+
+class IncompatibleTable(ValueError):
+  """The table exists with a schema the rows do not fit."""
+
+
+def schema_differences(fields: List[Dict[str, Any]],
+                       wanted: List[Dict[str, Any]] = None,
+                       prefix: str = "") -> List[str]:
+  """How a table's fields (API form) differ from the rows' schema: a
+  column missing, or of another type or mode."""
+  wanted = TABLE_SCHEMA["fields"] if wanted is None else wanted
+  have = {f["name"]: f for f in fields}
+  differences = []
+  for w in wanted:
+    name = prefix + w["name"]
+    f = have.get(w["name"])
+    if f is None:
+      differences.append(f"no column {name}")
+      continue
+    kind, want = (x["type"].replace("STRUCT", "RECORD") for x in (f, w))
+    repeated, want_repeated = (x.get("mode") == "REPEATED" for x in (f, w))
+    if kind != want:
+      differences.append(f"{name} is {kind}, not {want}")
+    elif repeated != want_repeated:
+      differences.append(f"{name} is {'' if repeated else 'not '}REPEATED")
+    elif w.get("fields"):
+      differences += schema_differences(f.get("fields", []), w["fields"],
+                                        name + ".")
+  return differences
+
+
+def check_table_schema(table: str, fields: List[Dict[str, Any]]) -> None:
+  """Raises IncompatibleTable, in one line naming the table and the fix,
+  when rows of this version would not fit it (say a table of an earlier
+  version, whose metadata is STRING): rows are never mixed into it."""
+  differences = schema_differences(fields)
+  if differences:
+    raise IncompatibleTable(
+        f"BigQuery table {table} does not fit this pipeline's rows "
+        f"({'; '.join(differences[:3])}"
+        f"{'; ...' if len(differences) > 3 else ''}): it was made by an "
+        "earlier version. Name a new table with --bigquery_table "
+        "PROJECT:DATASET.NEW_TABLE: the stored objects stay as they are and "
+        "their rows are written there (--overwrite rewrites the objects "
+        "too)")
 
 
 def ensure_dataset_and_view(table: str) -> None:
   """Creates the dataset when missing (Beam creates tables, not datasets),
-  the table from the one schema, and the current view."""
+  the table from the one schema, and the current view. Raises
+  IncompatibleTable when the table exists with another schema."""
   from google.cloud import bigquery
   project, dataset, name = split_table(table)
   client = bigquery_client(project)
@@ -84,7 +133,8 @@ def ensure_dataset_and_view(table: str) -> None:
       type_=TABLE_PARAMETERS["timePartitioning"]["type"],
       field=TABLE_PARAMETERS["timePartitioning"]["field"])
   t.clustering_fields = TABLE_PARAMETERS["clustering"]["fields"]
-  client.create_table(t, exists_ok=True)
+  existing = client.create_table(t, exists_ok=True)
+  check_table_schema(table, [f.to_api_repr() for f in existing.schema])
   view = bigquery.Table(f"{project}.{dataset}.{name}{CURRENT_VIEW_SUFFIX}")
   view.view_query = current_view_sql(table)
   client.create_table(view, exists_ok=True)
@@ -118,6 +168,10 @@ def _dead_letter(failed) -> Dict[str, Any]:
           "sop_instance_uid": row.get("sop_instance_uid"), "row": row}
 
 
+def _metadata_as_object(row: Dict[str, Any]) -> Dict[str, Any]:
+  return {**row, METADATA: json.loads(row[METADATA])}
+
+
 class WriteRowsBigQuery(beam.PTransform):
   """Rows -> BigQuery; returns the rows BigQuery refused, as dead letters.
 
@@ -131,6 +185,10 @@ class WriteRowsBigQuery(beam.PTransform):
     self.method = method
 
   def expand(self, rows):
+    if self.method != "STREAMING_INSERTS":
+      # A load job takes a JSON column as the nested value; a streaming
+      # insert as JSON text, which rows carry already.
+      rows = rows | "MetadataAsObject" >> beam.Map(_metadata_as_object)
     result = rows | "WriteToBigQuery" >> beam.io.WriteToBigQuery(
         table=self.table,
         schema=TABLE_SCHEMA,

@@ -1,5 +1,6 @@
 """Read DICOM headers: parse up to the pixel data, export the header as
-JSON (transforms/header_json.py) and keep the few values later steps use.
+JSON by keyword (transforms/header_json.py) and keep the few values later
+steps use.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
-from transforms.header_json import header_and_text, serialize
+from transforms.header_json import HeaderExport, export_header
 from transforms.part10 import read_part10_header
 from transforms.records import (REJECTED, Excluded, HeaderPart, ImageRecord,
                                 SourceFile, pack_text)
@@ -42,18 +43,13 @@ def open_source(path: str, gcsio=None):
   return FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED)
 
 
-def first_value(header: Dict[str, Any], keyword_tag: str) -> Optional[Any]:
-  """The first value of a top-level element of a header JSON, or None."""
-  elem = header.get(keyword_tag)
-  if not elem:
-    return None
-  values = elem.get("Value")
-  if not values:
-    return None
-  return values[0]
-
-
-_STUDY_UID, _SERIES_UID, _SOP_UID = "0020000D", "0020000E", "00080018"
+def first_value(header: Dict[str, Any], key: str) -> Optional[Any]:
+  """The first value of a top-level element of a header by keyword, or
+  None."""
+  value = header.get(key)
+  if isinstance(value, list):
+    return value[0] if value else None
+  return value
 
 
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
@@ -95,36 +91,29 @@ def _with_syntax(ds: Dataset, part10: bool
   return ds, str(syntax) if syntax else None, part10
 
 
-def keyword_tag(keyword: str) -> str:
-  """'AccessionNumber' -> '00080050', the key of the header JSON."""
-  tag = tag_for_keyword(keyword)
-  if tag is None:
+def check_keyword(keyword: str) -> str:
+  """The keyword, if it is a DICOM keyword (a header's key); else
+  ValueError."""
+  if tag_for_keyword(keyword) is None:
     raise ValueError(f"{keyword!r} is not a DICOM keyword")
-  return f"{tag:08X}"
+  return keyword
 
 
 def _text(value: Any) -> Optional[str]:
-  if isinstance(value, dict):  # person names are {"Alphabetic": ...}
-    value = value.get("Alphabetic")
   text = None if value is None else str(value).strip()
   return text or None
 
 
-_BURNED_IN_ANNOTATION = "00280301"
-
-
-def image_record(source: SourceFile, header: Dict[str, Any],
+def image_record(source: SourceFile, exported: HeaderExport,
                  transfer_syntax_uid: Optional[str] = None,
-                 item_tag: str = "00080050", uids_must_look_valid: bool = False,
-                 header_json: Optional[str] = None) -> ImageRecord:
-  """An ImageRecord from a header in the DICOM JSON model (and its text,
-  when already serialized). Raises ValueError when a UID the pipeline needs
-  is missing."""
+                 item_keyword: str = "AccessionNumber",
+                 uids_must_look_valid: bool = False) -> ImageRecord:
+  """An ImageRecord from a header exported by keyword. Raises ValueError
+  when a UID the pipeline needs is missing."""
+  header = exported.header
   uids = {}
-  for name, tag in (("StudyInstanceUID", _STUDY_UID),
-                    ("SeriesInstanceUID", _SERIES_UID),
-                    ("SOPInstanceUID", _SOP_UID)):
-    value = _text(first_value(header, tag)) or ""
+  for name in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
+    value = _text(first_value(header, name)) or ""
     if not value and name != "SeriesInstanceUID":
       raise ValueError("not a DICOM file: no 'DICM' preamble, and no UIDs "
                        "when read without one" if uids_must_look_valid
@@ -133,8 +122,7 @@ def image_record(source: SourceFile, header: Dict[str, Any],
       raise ValueError(f"not a DICOM file: no 'DICM' preamble, and {name} "
                        f"{value!r:.40} is not a UID")
     uids[name] = value
-  burned = header.get(_BURNED_IN_ANNOTATION, {}).get("Value") or [None]
-  columns = dicom_columns(header)
+  columns = dicom_columns(header, exported.invalid)
   return ImageRecord(
       source=source,
       study_instance_uid=uids["StudyInstanceUID"],
@@ -142,32 +130,33 @@ def image_record(source: SourceFile, header: Dict[str, Any],
       sop_instance_uid=uids["SOPInstanceUID"],
       header=HeaderPart(
           columns_json=json.dumps(columns, separators=(",", ":")),
-          header_packed=pack_text(header_json or serialize(header))),
+          header_packed=pack_text(exported.text)),
       study_date=columns.get("StudyDate"),
       transfer_syntax_uid=transfer_syntax_uid,
-      item_value=_text(first_value(header, item_tag)),
-      burned_in_annotation=_text(burned[0]))
+      item_value=_text(first_value(header, item_keyword)),
+      burned_in_annotation=_text(first_value(header, "BurnedInAnnotation")))
 
 
 def read_image_record(source: SourceFile, fileobj,
-                      item_tag: str = "00080050") -> ImageRecord:
+                      item_keyword: str = "AccessionNumber") -> ImageRecord:
   """Parses one file's header. Raises ValueError with a reason on bad input."""
   if source.size_bytes == 0:
     raise ValueError("empty file (0 bytes)")
   ds, syntax, part10 = _parse(fileobj)
   try:
-    header, text = header_and_text(ds)
+    exported = export_header(ds)
   except Exception as e:  # pylint: disable=broad-except
     raise ValueError(f"DICOM header cannot be read: "
                      f"{type(e).__name__}: {e}") from e
-  return image_record(source, header, syntax, item_tag,
-                      uids_must_look_valid=not part10, header_json=text)
+  return image_record(source, exported, syntax, item_keyword,
+                      uids_must_look_valid=not part10)
 
 
 class _ReadHeader(beam.DoFn):
-  def __init__(self, remote: bool = False, item_tag: str = "00080050"):
+  def __init__(self, remote: bool = False,
+               item_keyword: str = "AccessionNumber"):
     self.remote = remote
-    self.item_tag = item_tag
+    self.item_keyword = item_keyword
     self.gcsio = None
     self.read = Metrics.counter("dicom", "headers_read")
     self.rejected = Metrics.counter("dicom", "files_rejected")
@@ -185,7 +174,7 @@ class _ReadHeader(beam.DoFn):
     try:
       with open_source(source.path, self.gcsio) as f:
         try:
-          record = read_image_record(source, f, self.item_tag)
+          record = read_image_record(source, f, self.item_keyword)
         finally:
           self.bytes_read.inc(f.tell())
     except Exception as e:  # pylint: disable=broad-except
@@ -209,9 +198,9 @@ class ReadHeaders(beam.PTransform):
   def __init__(self, remote: bool = False, item_keyword: str = "AccessionNumber"):
     super().__init__()
     self.remote = remote
-    self.item_tag = keyword_tag(item_keyword)
+    self.item_keyword = check_keyword(item_keyword)
 
   def expand(self, files):
     return files | "ReadHeader" >> beam.ParDo(
-        _ReadHeader(self.remote, self.item_tag)).with_outputs(
+        _ReadHeader(self.remote, self.item_keyword)).with_outputs(
             EXCLUDED_TAG, main="images")

@@ -1,84 +1,149 @@
-"""Export a DICOM header to the DICOM JSON model (PS3.18 F.2), exactly as
-pydicom's Dataset.to_json_dict() writes it, nested sequences included at any
-depth, without pixel data or other bulk binary values.
+"""Export a DICOM header as JSON keyed by DICOM keyword, nested sequences
+included at any depth, without pixel data or other bulk binary values: what
+a row's `metadata` holds, so that researchers write
+JSON_VALUE(metadata, '$.RequestedProcedureCodeSequence[0].CodeValue').
 
-Letting pydicom build a DataElement for each of a header's ~150 elements was
-60% of the pipeline's CPU. So the common elements (plain ASCII text, numbers,
-short binary values, in a little-endian dataset) are converted here straight
-from the raw bytes pydicom read, with pydicom's own stripping and splitting
-rules. Everything else (other character sets, private or ambiguous VRs, odd
-lengths, values JSON cannot carry) goes through pydicom element by element;
-a value pydicom cannot convert is kept as raw text flagged "InvalidValue"
-instead of losing the whole header. tests/test_header_json.py checks the
-result equals pydicom_header_json() on every file pydicom ships.
+The rules (README "Rows"):
+- an element is keyed by its keyword; one without a keyword (private tags,
+  private creators, unknown public tags, a repeating group other than its
+  first, group lengths) by its tag as 8 upper-case hex digits ('00091001');
+- value multiplicity 1 gives a scalar, more than 1 an array, an empty
+  element null;
+- US, SS, UL, SL, FL, FD, UV, SV, and IS/DS that parse, are JSON numbers;
+- PN is its string form ('Family^Given', component groups joined by '=');
+  AT is 'GGGGEEEE'; DA, TM, DT, UI and the other text VRs are the text as
+  pydicom reads it (padding stripped);
+- SQ is an array of objects that follow the same rules (null when empty);
+- binary values whose base64 text would exceed 1 KiB, and pixel data, are
+  left out; shorter ones are base64 text;
+- a value that cannot be read as its VR says (an IS or DS that does not
+  parse, a non-finite number, undecodable text) is kept as the text written,
+  and its JSONPath is listed in the export's `invalid` (the row's
+  `invalid_values`).
+
+The reference is pydicom's own element values (export_by_pydicom: every
+element through pydicom, then the rules above). Letting pydicom build a
+DataElement for each of a header's ~150 elements was 60% of the pipeline's
+CPU, so the common elements (plain ASCII text, numbers, short binary values,
+in a little-endian dataset) are converted here straight from the raw bytes
+pydicom read, with pydicom's own stripping and splitting rules; everything
+else goes through pydicom element by element. tests/test_header_json.py
+checks that both give the same export on every file pydicom ships.
 """
 from __future__ import annotations
 
 import base64
+import collections.abc
 import json
 import math
 import re
 import struct
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 
-from pydicom.datadict import dictionary_VR
+from pydicom.datadict import (DicomDictionary, dictionary_VR, keyword_for_tag,
+                              mask_match)
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 
-Header = Dict[str, Dict[str, Any]]
+Header = Dict[str, Any]
 
 PIXEL_DATA = 0x7FE00010
 # Binary values whose base64 text would exceed this are bulk data and left
-# out, as pydicom's to_json_dict(bulk_data_threshold=...) decides it.
+# out.
 BULK_DATA_THRESHOLD = 1024
 _MAX_INLINE_BYTES = (BULK_DATA_THRESHOLD // 4) * 3
 _BINARY_VRS = {"OB", "OD", "OF", "OL", "OV", "OW", "UN", "OB or OW",
                "US or OW", "US or SS or OW"}
 
 
-def header_and_text(ds: Dataset) -> Tuple[Header, str]:
-  """The header in the DICOM JSON model, keyed by 'GGGGEEEE', and that
-  serialized: the same text serialize() gives (sorted keys, so the same
+class HeaderExport(NamedTuple):
+  """A header by keyword, its JSON text, and the JSONPaths of the values
+  kept as written because they could not be read as their VR says."""
+  header: Header
+  text: str
+  invalid: Tuple[str, ...]
+
+
+def serialize(value: Any) -> str:
+  """How every value is written: compact, non-ASCII kept as is."""
+  return json.dumps(value, ensure_ascii=False, allow_nan=False,
+                    separators=(",", ":"))
+
+
+def export_header(ds: Dataset) -> HeaderExport:
+  """The header by keyword and its text (keys in tag order, so the same
   header is always the same text), built from each element's own text."""
-  return _export(ds, fast=True)
+  return _export(ds, True, "$")
 
 
-def serialize(header: Header) -> str:
-  return json.dumps(header, sort_keys=True, ensure_ascii=False,
-                    allow_nan=False)
+def export_by_pydicom(ds: Dataset) -> HeaderExport:
+  """The reference export_header is tested against: every element's value
+  as pydicom converts it, then the same rules. Converts `ds` in place."""
+  return _export(ds, False, "$")
 
 
-def header_json(ds: Dataset) -> Header:
-  return _export(ds, fast=True)[0]
+_keys: Dict[int, str] = {}
 
 
-def _export(ds: Dataset, fast: bool) -> Tuple[Header, str]:
+def element_key(tag: int) -> str:
+  """The element's keyword, else its tag as 'GGGGEEEE'. An element of a
+  repeating group (overlays 60xx, curves 50xx ...) has its keyword only in
+  the group's first instance, so that no two elements share a key."""
+  key = _keys.get(tag)
+  if key is None:
+    entry = DicomDictionary.get(tag)
+    if entry is not None:
+      key = entry[4]
+    else:
+      mask = mask_match(tag)
+      key = keyword_for_tag(tag) if mask and int(
+          mask.replace("x", "0"), 16) == tag else ""
+    key = _keys[tag] = key or f"{tag:08X}"
+  return key
+
+
+def json_path(parent: str, key: str) -> str:
+  """JSONPath of a key below parent: $.Keyword, or $."00091001" (a key
+  starting with a digit is quoted in BigQuery's JSONPath)."""
+  return f'{parent}.{key}' if key[0].isalpha() else f'{parent}."{key}"'
+
+
+_OMIT = object()   # bulk data: the element is left out
+
+
+def _export(ds: Dataset, fast: bool, at: str) -> HeaderExport:
   """Element by element, nested sequences included; fast=False: every
-  element through pydicom (the reference the fast path is tested against).
-  Returns the header and its serialize() text."""
+  element through pydicom."""
   out: Header = {}
-  parts = []
+  parts: List[str] = []
+  invalid: List[str] = []
   items = ds._dict  # pylint: disable=protected-access
-  # In tag order, which is serialize()'s sorted key order; as plain ints,
-  # since pydicom's tags compare in Python code.
+  # In tag order, as plain ints, since pydicom's tags compare in Python code.
   for tag, elem in sorted(zip(map(int, items), items.values())):
     if tag == PIXEL_DATA:
       continue
-    converted = _NOT_FAST
     if fast and type(elem) is RawDataElement:  # pylint: disable=unidiomatic-typecheck
-      converted, part, key = _from_raw_cached(tag, elem)
-    if converted is _NOT_FAST:
-      converted, part = _by_pydicom(ds, tag, fast)
-      key = f"{tag:08X}"
-    if converted is not None:
-      out[key] = converted
-      parts.append(part)
-  return out, "{" + ", ".join(parts) + "}"
+      key, value, part = _from_raw_cached(tag, elem)
+      if value is _OMIT:
+        continue
+      if part is not None:
+        out[key] = value
+        parts.append(part)
+        continue
+    key = element_key(tag)
+    value, text, bad = _by_pydicom(ds, tag, fast, json_path(at, key))
+    if value is _OMIT:
+      continue
+    out[key] = value
+    parts.append(f'"{key}":{text}')
+    invalid.extend(bad)
+  return HeaderExport(out, "{" + ",".join(parts) + "}", tuple(invalid))
 
 
-def _part(tag: int, converted: Any) -> str:
-  """One element as serialize() writes it inside the header's braces."""
-  return f'"{tag:08X}": ' + serialize(converted)
+def _one_or_many(values: List[Any]) -> Any:
+  if not values:
+    return None
+  return values[0] if len(values) == 1 else values
 
 
 # --- the fast path: straight from the raw bytes -----------------------------
@@ -118,15 +183,15 @@ def _dictionary_vr(tag: int) -> Optional[str]:
 
 
 def _from_raw(raw: RawDataElement) -> Any:
-  """The JSON element, None for bulk data, or _NOT_FAST."""
+  """The element's value by the rules, _OMIT for bulk data, or _NOT_FAST."""
   value = raw.value
   if value is None or not raw.is_little_endian or raw.tag in _LUT_DESCRIPTORS:
     return _NOT_FAST
   vr = raw.VR if raw.VR is not None else _dictionary_vr(raw.tag)
-  if vr is None or vr == "UN":
+  if vr is None or vr == "UN" or vr == "SQ":
     return _NOT_FAST
   if not value:
-    return {"vr": vr} if vr != "SQ" else _NOT_FAST
+    return None
   fmt = _NUMBER_FORMATS.get(vr)
   if fmt is not None:
     size = struct.calcsize("<" + fmt)
@@ -135,17 +200,17 @@ def _from_raw(raw: RawDataElement) -> Any:
     numbers = list(struct.unpack(f"<{len(value) // size}{fmt}", value))
     if vr in ("FL", "FD") and not all(map(math.isfinite, numbers)):
       return _NOT_FAST
-    return {"vr": vr, "Value": numbers}
+    return _one_or_many(numbers)
   if vr in _INLINE_BINARY:
     if len(value) > _MAX_INLINE_BYTES:
-      return None
-    return {"vr": vr, "InlineBinary": base64.b64encode(value).decode("ascii")}
+      return _OMIT
+    return base64.b64encode(value).decode("ascii")
   if vr == "AT":
     if len(value) % 4:
       return _NOT_FAST
     pairs = struct.unpack(f"<{len(value) // 2}H", value)
-    return {"vr": vr, "Value": [f"{pairs[i]:04X}{pairs[i + 1]:04X}"
-                                for i in range(0, len(pairs), 2)]}
+    return _one_or_many([f"{pairs[i]:04X}{pairs[i + 1]:04X}"
+                         for i in range(0, len(pairs), 2)])
   # Text: only plain ASCII (no ISO 2022 escapes) reads the same in every
   # character set; anything else is decoded by pydicom.
   if not value.isascii() or b"\x1b" in value:
@@ -167,22 +232,25 @@ def _from_raw(raw: RawDataElement) -> Any:
     values = text.rstrip(" \x00").split("\\")
     if not all(_IS.match(v) for v in values):
       return _NOT_FAST
-    return {"vr": vr, "Value": [int(v) for v in values]}
+    return _one_or_many([int(v) for v in values])
   elif vr == "DS":
     values = text.rstrip(" \x00").split("\\")
     if not all(_DS.match(v) for v in values):
       return _NOT_FAST
-    return {"vr": vr, "Value": [float(v) for v in values]}
+    numbers = [float(v) for v in values]
+    if not all(map(math.isfinite, numbers)):
+      return _NOT_FAST
+    return _one_or_many(numbers)
   elif vr == "PN":
     text = text.rstrip("\x00 ")
     if "=" in text or "\\" in text:   # component groups, several names
       return _NOT_FAST
-    values = [{"Alphabetic": text}] if text else []
+    return text or None
   else:
     return _NOT_FAST
-  if values == [""] or not values:
-    return {"vr": vr}
-  return {"vr": vr, "Value": values}
+  if values == [""]:
+    return None
+  return _one_or_many(values)
 
 
 # The same value of the same element repeats across the headers of a series
@@ -198,97 +266,102 @@ def _from_raw(raw: RawDataElement) -> Any:
 _CACHED_VALUE_BYTES = 256
 _CACHE_ENTRIES = 2048
 _NEVER_REPEATED = frozenset({0x00020003, 0x00080018})
-_converted_cache: Dict[tuple, Tuple[Any, Optional[str], str]] = {}
+_converted_cache: Dict[tuple, Tuple[str, Any, Optional[str]]] = {}
 
 
 def _from_raw_cached(tag: int, raw: RawDataElement
-                     ) -> Tuple[Any, Optional[str], str]:
-  """(_from_raw(raw), its _part text or None, its header key), from the
-  cache when seen."""
+                     ) -> Tuple[str, Any, Optional[str]]:
+  """(key, _from_raw(raw), its '"key":value' text or None when the
+  element goes through pydicom or is left out), from the cache when seen."""
   value = raw.value
   cacheable = ((value is None or len(value) <= _CACHED_VALUE_BYTES)
                and tag not in _NEVER_REPEATED)
   if cacheable:
-    key = (tag, raw.VR, raw.is_little_endian, value)
-    hit = _converted_cache.get(key)
+    cache_key = (tag, raw.VR, raw.is_little_endian, value)
+    hit = _converted_cache.get(cache_key)
     if hit is not None:
       return hit
   converted = _from_raw(raw)
-  result = (converted, None if converted is _NOT_FAST or converted is None
-            else _part(tag, converted), f"{tag:08X}")
+  key = element_key(tag)
+  result = (key, converted,
+            None if converted is _NOT_FAST or converted is _OMIT
+            else f'"{key}":{serialize(converted)}')
   if cacheable:
     if len(_converted_cache) >= _CACHE_ENTRIES:
       _converted_cache.clear()
-    _converted_cache[key] = result
+    _converted_cache[cache_key] = result
   return result
 
 
 # --- through pydicom ----------------------------------------------------------
 
-def _by_pydicom(ds: Dataset, tag: int, fast: bool) -> Tuple[Any, Optional[str]]:
-  """One element converted by pydicom (None for bulk data), and its _part
-  text. A value pydicom cannot convert, or that JSON cannot carry (NaN), is
-  kept as raw text."""
+def _by_pydicom(ds: Dataset, tag: int, fast: bool, path: str
+                ) -> Tuple[Any, str, Tuple[str, ...]]:
+  """One element's value from pydicom's (_OMIT for bulk data), its text, and
+  the JSONPaths of invalid values in it. A value pydicom cannot convert, or
+  that JSON cannot carry (NaN), is kept as the text written."""
+  written = ds.get_item(tag)   # before pydicom converts it in place
   try:
     elem = ds[tag]
+    vr = str(elem.VR)
+    if vr == "SQ":
+      exported = [_export(item, fast, f"{path}[{i}]")
+                  for i, item in enumerate(elem.value)]
+      if not exported:
+        return None, "null", ()
+      return ([e.header for e in exported],
+              "[" + ",".join(e.text for e in exported) + "]",
+              tuple(p for e in exported for p in e.invalid))
+    value = _pydicom_value(elem, vr)
+    if value is _OMIT:
+      return _OMIT, "", ()
+    return value, serialize(value), ()
   except Exception:  # pylint: disable=broad-except
-    raw = ds.get_item(tag)
-    return _with_part(tag, {"vr": "UN" if raw.VR is None else str(raw.VR),
-                            "Value": [_raw_text(raw.value)],
-                            "InvalidValue": True})
-  vr = str(elem.VR)
-  if vr in _BINARY_VRS and elem.value is not None and (
-      len(elem.value) > _MAX_INLINE_BYTES):
-    return None, None
-  if vr == "SQ":
-    items = [_export(item, fast) for item in elem.value]
-    # serialize()'s text of {"vr": "SQ", "Value": [...]}, keys sorted
-    return ({"vr": "SQ", "Value": [header for header, _ in items]},
-            f'"{tag:08X}": {{"Value": [' + ", ".join(
-                text for _, text in items) + '], "vr": "SQ"}')
-  try:
-    converted = elem.to_json_dict(bulk_data_element_handler=None,
-                                  bulk_data_threshold=BULK_DATA_THRESHOLD)
-    return _with_part(tag, converted)
-  except Exception:  # pylint: disable=broad-except
-    raw = ds.get_item(tag)
-    text = _raw_text(getattr(raw, "value", None) or elem.value)
-    return _with_part(tag, {"vr": vr, "Value": [text], "InvalidValue": True})
+    text = _as_written(written)
+    return text, serialize(text), (path,)
 
 
-def _with_part(tag: int, converted: Dict[str, Any]) -> Tuple[Any, str]:
-  return converted, _part(tag, converted)   # raises if JSON cannot carry it
+def _pydicom_value(elem, vr: str) -> Any:
+  """A converted element's value by the rules; raises ValueError when it
+  cannot be carried as its VR says."""
+  if vr in _BINARY_VRS:
+    if elem.value is None or not len(elem.value):
+      return None
+    if len(elem.value) > _MAX_INLINE_BYTES:
+      return _OMIT
+    return base64.b64encode(bytes(elem.value)).decode("ascii")
+  if elem.VM == 0:
+    return None
+  values = list(elem.value) if elem.VM > 1 else [elem.value]
+  return _one_or_many([_scalar(v, vr) for v in values])
 
 
-def _raw_text(raw_value: Any) -> str:
-  if isinstance(raw_value, bytes):
-    # latin-1 maps every byte, so nothing is lost however the text was encoded.
-    return raw_value.decode("latin-1").strip("\x00 ")
-  return str(raw_value)
+def _scalar(v: Any, vr: str) -> Any:
+  if isinstance(v, bytes):   # text pydicom could not decode
+    raise ValueError("undecoded text")
+  if vr == "PN":
+    return str(v)
+  if vr == "AT":
+    return f"{int(v):08X}"
+  if vr == "IS" or vr in ("US", "SS", "UL", "SL", "UV", "SV"):
+    return int(v)
+  if vr in ("DS", "FL", "FD"):
+    number = float(v)
+    if not math.isfinite(number):
+      raise ValueError("not a finite number")
+    return number
+  return str(v)
 
 
-_BULK = "bulk data left out"
-
-
-def pydicom_header_json(ds: Dataset) -> Header:
-  """The reference the fast path is tested against: pydicom's own
-  Dataset.to_json_dict(), bulk data left out; element by element through
-  pydicom when that fails. Converts every element of `ds` in place."""
-  try:
-    header = ds.to_json_dict(bulk_data_threshold=BULK_DATA_THRESHOLD,
-                             bulk_data_element_handler=lambda _elem: _BULK)
-    _drop_bulk(header)
-    serialize(header)
-    return header
-  except Exception:  # pylint: disable=broad-except
-    return _export(ds, fast=False)[0]
-
-
-def _drop_bulk(header: Header) -> None:
-  for key in [k for k, v in header.items()
-              if k == "7FE00010" or v.get("BulkDataURI") == _BULK]:
-    del header[key]
-  for value in header.values():
-    if value.get("vr") == "SQ":
-      for item in value.get("Value", ()):
-        _drop_bulk(item)
+def _as_written(element) -> str:
+  """An element's value as the text it was written as."""
+  value = getattr(element, "value", None)
+  if isinstance(value, bytes):   # raw: as read from the file
+    # latin-1 maps every byte, so nothing is lost however it was encoded.
+    return value.decode("latin-1").strip("\x00 ")
+  if value is None:
+    return ""
+  if isinstance(value, collections.abc.Sequence) and not isinstance(value, str):
+    # several values (pydicom's MultiValue), as DICOM joins them
+    return "\\".join(str(v) for v in value)
+  return str(value)

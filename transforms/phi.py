@@ -8,7 +8,6 @@ deid package's detector with its default or a given recipe).
 """
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from typing import Iterable, Optional, Sequence
@@ -50,14 +49,19 @@ class DeidRecipeRule:
 
   It judges from the header, by the recipe's %filter groups (by default
   deid's own 'dicom' recipe, after the MIRC CTP criteria): a hit in a
-  blacklist or graylist group flags the image. A recipe file's text is read
-  when the pipeline is built, so that workers need no access to the file.
+  blacklist or graylist group flags the image. deid is given the file's
+  header as pydicom reads it (read again here, up to the pixel data): the
+  exported header is keyed for researchers, and a rebuilt dataset could
+  differ from the file in what a recipe looks at. A file that cannot be
+  read again is flagged. A recipe file's text is read when the pipeline is
+  built, so that workers need no access to the file.
   """
   name = "deid"
 
   def __init__(self, recipe_text: Optional[str] = None):
     self.recipe_text = recipe_text
     self._recipe = None
+    self._gcsio = None
 
   def _load(self):
     from deid.config import DeidRecipe  # heavy import: only when enabled
@@ -69,17 +73,23 @@ class DeidRecipeRule:
         f.write(self.recipe_text)
       return DeidRecipe(path)
 
+  def _read_header(self, path: str):
+    import pydicom
+    from transforms.dicom import open_source
+    if path.startswith("gs://") and self._gcsio is None:
+      from apache_beam.io.gcp.gcsio import GcsIO
+      self._gcsio = GcsIO()
+    with open_source(path, self._gcsio) as f:
+      return pydicom.dcmread(f, stop_before_pixels=True, force=True)
+
   def check(self, image: ImageRecord) -> Optional[str]:
     from deid.dicom.pixels import has_burned_pixels
-    from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
     if self._recipe is None:
       self._recipe = self._load()
-    # The header's DICOM JSON, minus values kept only as raw text; deid takes
-    # a FileDataset as already read.
-    ds = FileDataset("", Dataset.from_json(
-        {k: v for k, v in json.loads(image.header.header_json).items()
-         if not v.get("InvalidValue")}),
-        file_meta=FileMetaDataset(), preamble=None)
+    try:
+      ds = self._read_header(image.source.path)
+    except Exception as e:  # pylint: disable=broad-except
+      return f"the header could not be read again for deid: {e}"
     result = has_burned_pixels(ds, deid=self._recipe)
     if not result["flagged"]:
       return None
@@ -88,7 +98,7 @@ class DeidRecipeRule:
     return f"deid recipe {hits}"
 
   def __getstate__(self):
-    return {"recipe_text": self.recipe_text, "_recipe": None}
+    return {"recipe_text": self.recipe_text, "_recipe": None, "_gcsio": None}
 
 
 PATH_RULES = {"folder": PhiFolderRule}

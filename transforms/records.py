@@ -47,15 +47,17 @@ class Excluded:
 @dataclasses.dataclass(frozen=True)
 class HeaderPart:
   """What a row takes from an image's header, beyond its identifiers."""
-  # The typed DICOM columns of the row (schema.py) as JSON text: one short
-  # string decodes to ~0.7 kB where a dict of ~30 values took ~3.7 kB.
+  # The typed DICOM columns of the row (schema.py) and its invalid_values,
+  # as JSON text: one short string decodes to ~0.7 kB where a dict of ~30
+  # values took ~3.7 kB.
   columns_json: str
-  # The DICOM JSON model, keyed by tag, no bulk data: as text deflated by
-  # pack_text (4.5x fewer bytes to carry or set aside).
+  # The header by keyword (header_json.py), no bulk data: the row's
+  # metadata, as text deflated by pack_text (fewer bytes to carry or set
+  # aside).
   header_packed: bytes
 
   @property
-  def header_json(self) -> str:
+  def metadata_text(self) -> str:
     return unpack_text(self.header_packed)
 
   @property

@@ -6,31 +6,21 @@ as written, in `metadata`.
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Iterable, List, Optional
+from typing import Any, Dict, Iterable, Optional, Sequence
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
-from pydicom.datadict import tag_for_keyword
 
 from transforms.keys import calendar_date
 from transforms.records import (HeaderPart, ImageRecord, MemberLocation,
                                 StoredStudy)
-from transforms.schema import DICOM_COLUMNS
+from transforms.schema import DICOM_COLUMNS, INVALID_VALUES
 from transforms.spill import header_parts
 
 _INT64_MAX = (1 << 63) - 1
 
 
-def _values(header: Dict[str, Any], key: str) -> List[Any]:
-  elem = header.get(key)
-  if not elem or elem.get("InvalidValue"):
-    return []
-  return [v for v in elem.get("Value", []) if v is not None]
-
-
 def _string(v: Any) -> Optional[str]:
-  if isinstance(v, dict):
-    v = v.get("Alphabetic")
   return None if v is None else str(v).strip()
 
 
@@ -62,22 +52,30 @@ _CONVERT = {"STRING": _string, "INTEGER": _integer, "FLOAT": _float,
             "DATE": _date}
 
 
-# (column, header key, converter, repeated) of each typed column, once.
-_COLUMN_SOURCES = tuple(
-    (keyword, f"{tag_for_keyword(keyword):08X}", _CONVERT[type_],
-     mode == "REPEATED") for keyword, type_, mode in DICOM_COLUMNS)
+# (column, converter, repeated) of each typed column, once.
+_COLUMN_SOURCES = tuple((keyword, _CONVERT[type_], mode == "REPEATED")
+                        for keyword, type_, mode in DICOM_COLUMNS)
 
 
-def dicom_columns(header: Dict[str, Any]) -> Dict[str, Any]:
-  """The typed columns of one header; NULL (None) where a value does not fit."""
+def dicom_columns(header: Dict[str, Any], invalid: Sequence[str] = ()
+                  ) -> Dict[str, Any]:
+  """The typed columns of one header by keyword (header_json.py), and the
+  JSONPaths of its values kept as written (`invalid_values`); NULL (None)
+  where a value does not fit, or was not readable as its VR says."""
+  unreadable = set(invalid)
   row = {}
-  for keyword, key, convert, repeated in _COLUMN_SOURCES:
-    values = _values(header, key)
+  for keyword, convert, repeated in _COLUMN_SOURCES:
+    value = header.get(keyword)
+    if value is None or f"$.{keyword}" in unreadable:
+      values = []
+    else:
+      values = value if isinstance(value, list) else [value]
     if repeated:
       converted = [convert(v) for v in values]
       row[keyword] = [c for c in converted if c is not None]
     else:
       row[keyword] = convert(values[0]) if values else None
+  row[INVALID_VALUES] = list(invalid)
   return row
 
 
@@ -96,7 +94,7 @@ def build_row(collection: str, stored: StoredStudy, image: ImageRecord,
       "TransferSyntaxUID": image.transfer_syntax_uid,
   }
   row.update(header.columns)
-  row["metadata"] = header.header_json
+  row["metadata"] = header.metadata_text   # JSON text (sinks.row_line)
   row["storage"] = {
       "uri": loc.uri, "bucket": loc.bucket, "object": loc.object_name,
       "member": member.member, "member_offset": member.member_offset,

@@ -1,7 +1,8 @@
 """The one row schema, in BigQuery's JSON schema form, and a row checker.
 
 Typed DICOM columns are named by their DICOM keyword, as the Cloud Healthcare
-API's BigQuery export names them; the whole header is kept in `metadata`.
+API's BigQuery export names them; the whole header is kept in `metadata`,
+BigQuery's JSON type, keyed by keyword (transforms/header_json.py).
 Columns may be added later, never renamed.
 """
 from __future__ import annotations
@@ -42,6 +43,10 @@ DICOM_COLUMNS: Tuple[Tuple[str, str, str], ...] = (
     ("PixelSpacing", "FLOAT", "REPEATED"),
     ("BurnedInAnnotation", "STRING", "NULLABLE"),
 )
+
+
+METADATA = "metadata"
+INVALID_VALUES = "invalid_values"
 
 
 def _field(name, type_, mode="NULLABLE", description=None, fields=None):
@@ -86,8 +91,12 @@ TABLE_SCHEMA: Dict[str, List[Dict[str, Any]]] = {"fields": [
            "path of the input file below its entity folder"),
     _field("TransferSyntaxUID", "STRING", "NULLABLE"),
     *[_field(k, t, m) for k, t, m in DICOM_COLUMNS],
-    _field("metadata", "STRING", "REQUIRED",
-           "full header, DICOM JSON model, nested sequences included"),
+    _field(METADATA, "JSON", "REQUIRED",
+           "full header by DICOM keyword (private and unknown tags by "
+           "GGGGEEEE), nested sequences included, bulk data left out"),
+    _field(INVALID_VALUES, "STRING", "REPEATED",
+           "JSONPath in metadata of each value kept as written because it "
+           "cannot be read as its VR says (e.g. a DS that is not a number)"),
     _field("storage", "RECORD", "REQUIRED", fields=STORAGE_FIELDS),
     _field("run_id", "STRING", "REQUIRED"),
     _field("pipeline_version", "STRING", "REQUIRED"),
@@ -122,6 +131,9 @@ def _scalar_error(type_: str, value: Any) -> str:
       except ValueError:
         pass
     return "is not a DATE (YYYY-MM-DD)"
+  if type_ == "JSON":
+    # JSON text (as rows carry it) or the value itself (as loads take it).
+    return "" if isinstance(value, (str, dict, list)) else "is not JSON"
   if type_ == "TIMESTAMP":
     try:
       datetime.datetime.fromisoformat(str(value).replace("Z", "+00:00"))

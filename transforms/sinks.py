@@ -12,7 +12,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
 from transforms.keys import join_uri
-from transforms.schema import row_errors, schema_json
+from transforms.schema import METADATA, row_errors, schema_json
 
 DEAD_LETTER_TAG = "dead_letter"
 ROWS_PREFIX = "rows-"
@@ -51,6 +51,18 @@ def json_line(record: Dict[str, Any]) -> str:
   return json.dumps(record, sort_keys=True, ensure_ascii=False)
 
 
+def row_line(row: Dict[str, Any]) -> str:
+  """A row as newline-delimited JSON takes it: `metadata`, which rows
+  carry as JSON text, as the nested object it is (a JSON column loads an
+  object; a string would load as a JSON string). Spliced in as written,
+  at the end, rather than parsed and serialized again."""
+  text = row.get(METADATA)
+  if not isinstance(text, str):
+    return json_line(row)
+  rest = json_line({k: v for k, v in row.items() if k != METADATA})
+  return f'{rest[:-1]}, "{METADATA}": {text}}}'
+
+
 def write_text_file(path: str, text: str) -> str:
   with FileSystems.create(path) as f:
     f.write(text.encode("utf-8"))
@@ -61,14 +73,15 @@ class WriteJsonLines(beam.PTransform):
   """Dicts -> newline-delimited JSON files DIR/<name>-SSSSS-of-NNNNN.json,
   one per bundle of writing: rows are not shuffled again to fill one file."""
 
-  def __init__(self, directory: str, name: str):
+  def __init__(self, directory: str, name: str, to_line=json_line):
     super().__init__()
     self.directory = directory
     self.name = name
+    self.to_line = to_line
 
   def expand(self, records):
     return (records
-            | "ToJson" >> beam.Map(json_line)
+            | "ToJson" >> beam.Map(self.to_line)
             | "Write" >> beam.io.WriteToText(
                 join_uri(self.directory, self.name), file_name_suffix=".json"))
 
@@ -116,4 +129,4 @@ class WriteRowsLocal(beam.PTransform):
          | "SchemaOnce" >> beam.Create([schema_path])
          | "WriteSchema" >> beam.Map(write_text_file, schema_json()))
     return rows | "WriteRows" >> WriteJsonLines(
-        self.directory, f"{ROWS_PREFIX}{self.run_id}")
+        self.directory, f"{ROWS_PREFIX}{self.run_id}", row_line)
