@@ -6,7 +6,6 @@
 
 Without --out (or with --out -) the bytes go to standard output.
 """
-from __future__ import annotations
 
 import argparse
 import sys

@@ -11,7 +11,6 @@ runner still starts and stops workers its own way; only the command it
 runs for each changes (pipeline/worker_attach.py), and that command falls
 back to Beam's own worker when no warm process answers.
 """
-from __future__ import annotations
 
 import argparse
 import atexit

@@ -1,6 +1,5 @@
 """The pipeline's own options, with defaults from the original system's
 environment variables, and the checks that run before any work."""
-from __future__ import annotations
 
 import argparse
 import dataclasses

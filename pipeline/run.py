@@ -1,7 +1,6 @@
 """Build and run the graph: discover -> flag PHI -> read headers -> flag PHI
 -> group by study -> write study archive -> build rows -> sink rows; report.
 """
-from __future__ import annotations
 
 import datetime
 import shutil

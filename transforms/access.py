@@ -4,7 +4,6 @@ what is missing and how to fix it, naming no secret.
 Skipped for targets served by a local emulator (STORAGE_EMULATOR_HOST,
 BIGQUERY_EMULATOR_HOST), which take no credentials.
 """
-from __future__ import annotations
 
 import os
 from typing import Optional

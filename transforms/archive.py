@@ -16,7 +16,6 @@ threads and appended in order, so the bytes do not depend on the threads.
 Memory is bounded: at most IN_FLIGHT_BYTES of files are held at once, and
 larger files are streamed in chunks.
 """
-from __future__ import annotations
 
 import base64
 import collections
@@ -383,7 +382,7 @@ class _WriteStudyArchive(beam.DoFn):
     if self.bucket.startswith("gs://"):
       self.gcs = storage_client()
 
-  def process(self, study: Study) -> Iterable:
+  def process(self, study: Study) -> Iterable[StoredStudy]:
     try:
       yield from self._store(study, list(study.current))
     except Exception as e:  # pylint: disable=broad-except

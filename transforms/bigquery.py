@@ -8,7 +8,6 @@ That makes re-runs and retries safe despite BigQuery's best-effort
 streaming de-duplication: a row inserted twice, or rows of a superseded
 object, are never "current". See the README ("Re-runs").
 """
-from __future__ import annotations
 
 import json
 from typing import Any, Dict, Iterable, List, Optional, Tuple

@@ -26,7 +26,6 @@ and the worker that runs Beam's ``BigQueryWriteFn`` need not import any of our
 modules. Beam imports every module named in ``--beam_plugins`` at worker
 start, so pipelines add ``worker_plugin_args()`` to their arguments.
 """
-from __future__ import annotations
 
 import os
 import threading

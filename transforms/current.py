@@ -5,7 +5,6 @@ The archive writer compares them with each study's manifest to decide
 cheaply whether the study is already stored (skip it), stored but missing
 rows (write its rows only), or new or changed (write it).
 """
-from __future__ import annotations
 
 import json
 from typing import Dict, Iterable, List, Optional, Tuple

@@ -2,7 +2,6 @@
 JSON by keyword (transforms/header_json.py) and keep the few values later
 steps use.
 """
-from __future__ import annotations
 
 import json
 import re
@@ -170,7 +169,7 @@ class _ReadHeader(beam.DoFn):
       from apache_beam.io.gcp.gcsio import GcsIO
       self.gcsio = GcsIO()
 
-  def process(self, source: SourceFile) -> Iterable[Any]:
+  def process(self, source: SourceFile) -> Iterable[ImageRecord]:
     try:
       with open_source(source.path, self.gcsio) as f:
         try:

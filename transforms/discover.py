@@ -5,7 +5,6 @@ take the same path. A Reshuffle after listing breaks fusion, so that the
 files of one large root spread over all workers; files cross it in batches,
 since the local runner's driver holds every element of a shuffle, decoded.
 """
-from __future__ import annotations
 
 import functools
 import json
@@ -131,7 +130,7 @@ class _ListRoot(beam.DoFn):
       yield root, json.dumps(batch)
 
 
-def _unbatch(root: str, batch: str) -> Iterable[tuple]:
+def _unbatch(root: str, batch: str) -> Iterable[Tuple[str, str, int]]:
   for path, size_bytes in json.loads(batch):
     yield root, path, size_bytes
 
@@ -140,7 +139,7 @@ class _ToSourceFile(beam.DoFn):
   def __init__(self):
     self.rejected = Metrics.counter("discover", "files_rejected")
 
-  def process(self, listed: tuple):
+  def process(self, listed: Tuple[str, str, int]) -> Iterable[SourceFile]:
     root, path, size_bytes = listed
     try:
       source = source_file_for(root, path, size_bytes)

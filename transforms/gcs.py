@@ -4,7 +4,6 @@ The client follows STORAGE_EMULATOR_HOST (the standard variable) and then
 needs no credentials; in production it uses Application Default Credentials.
 Clients are made in DoFn.setup() or at the call site, never at import.
 """
-from __future__ import annotations
 
 import os
 from typing import Optional, Tuple

@@ -30,7 +30,6 @@ pydicom read, with pydicom's own stripping and splitting rules; everything
 else goes through pydicom element by element. tests/test_header_json.py
 checks that both give the same export on every file pydicom ships.
 """
-from __future__ import annotations
 
 import base64
 import collections.abc

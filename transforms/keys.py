@@ -3,7 +3,6 @@
 Every component that comes from data is checked here, so that no entity or
 item id can escape its place in the key.
 """
-from __future__ import annotations
 
 import datetime
 import hashlib

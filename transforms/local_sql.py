@@ -9,7 +9,6 @@ without PROJECT.DATASET before it, is the local one, so the files in
 queries/ run unchanged. JSON_QUERY_ARRAY and JSON_VALUE_ARRAY give NULL for
 a value that is not an array, as BigQuery's do (DuckDB's cast would fail).
 """
-from __future__ import annotations
 
 import datetime
 import json

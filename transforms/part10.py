@@ -18,7 +18,6 @@ transfer syntax says, an undefined length other than a sequence's, a header
 larger than the block. tests/test_part10.py checks that both readers give
 the same header for every file pydicom ships.
 """
-from __future__ import annotations
 
 import io
 import struct

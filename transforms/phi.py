@@ -6,7 +6,6 @@ parsed header. The first matching rule's reason goes to the report.
 Rules: folder (a PHI/ folder), header (BurnedInAnnotation=YES), deid (the
 deid package's detector with its default or a given recipe).
 """
-from __future__ import annotations
 
 import os
 import tempfile

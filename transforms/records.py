@@ -3,7 +3,6 @@
 Nothing here carries pixel data: only paths, identifiers and header metadata
 go through a GroupByKey. The archive writer reads image bytes itself.
 """
-from __future__ import annotations
 
 import dataclasses
 import datetime

@@ -7,7 +7,6 @@ listed apart, in JSON-lines files beside the report written as studies
 are stored (stored_listing): the report itself, and the memory that
 builds it, grow with the run's studies and bad files, not its images.
 """
-from __future__ import annotations
 
 import json
 import posixpath
@@ -197,7 +196,7 @@ class WriteRunReport(beam.PTransform):
     self.version = version
     self.collection = collection
 
-  def expand(self, parts: Dict[str, Any]):
+  def expand(self, parts):
     # "seen": PCollections with one element per listed file between them
     # (counted as they are, not flattened first); "files": those in entities.
     facts = [

@@ -4,7 +4,6 @@ Each image is its own gzip member in the study's .tar.gz; a row's
 storage.member_offset and storage.member_length delimit that member. Reading
 exactly those bytes and decompressing them gives the image's tar entry.
 """
-from __future__ import annotations
 
 import hashlib
 import io

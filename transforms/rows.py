@@ -3,7 +3,6 @@ study object lives. Rows satisfy transforms.schema.TABLE_SCHEMA; a header
 value that does not fit its typed column leaves the column NULL and stays,
 as written, in `metadata`.
 """
-from __future__ import annotations
 
 import math
 from typing import Any, Dict, Iterable, Optional, Sequence

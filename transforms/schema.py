@@ -5,7 +5,6 @@ API's BigQuery export names them; the whole header is kept in `metadata`,
 BigQuery's JSON type, keyed by keyword (transforms/header_json.py).
 Columns may be added later, never renamed.
 """
-from __future__ import annotations
 
 import datetime
 import json

@@ -2,7 +2,6 @@
 (newline-delimited JSON that `bq load` accepts with schema.json); rows that
 do not fit go to the dead-letter output with their errors, never dropped.
 """
-from __future__ import annotations
 
 import json
 from typing import Any, Dict, Iterable
@@ -29,7 +28,7 @@ class _CheckRow(beam.DoFn):
   def __init__(self):
     self.invalid = Metrics.counter("rows", "rows_invalid")
 
-  def process(self, row: Dict[str, Any]) -> Iterable:
+  def process(self, row: Dict[str, Any]) -> Iterable[Dict[str, Any]]:
     errors = row_errors(row)
     if errors:
       self.invalid.inc()

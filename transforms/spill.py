@@ -17,7 +17,6 @@ outcome.
 Runs on Dataflow do not spill: their shuffle keeps grouped records outside
 worker memory, and per-image reads from Cloud Storage would cost far more.
 """
-from __future__ import annotations
 
 import collections.abc
 import dataclasses

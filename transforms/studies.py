@@ -11,7 +11,6 @@ Groupings over small records only (never pixel data):
    for the index to be complete; in a local run they wait by reference
    (transforms/spill.py), ~30 bytes per image.
 """
-from __future__ import annotations
 
 import dataclasses
 import functools
@@ -165,7 +164,8 @@ class _BuildStudy(beam.DoFn):
     self.spill_dir = spill_dir
     self.duplicates = Metrics.counter("studies", "duplicate_instances")
 
-  def process(self, keyed, flagged_by_study, current_by_study) -> Iterable:
+  def process(self, keyed, flagged_by_study, current_by_study
+              ) -> Iterable[Study]:
     (entity_id, study_uid), grouped = keyed
     if self.spill_dir:
       refs = list(grouped)
