@@ -14,7 +14,7 @@ from conftest import IN_PROCESS, read_rows, run_pipeline
 from invariants import archive_members
 from reruns import add_image_to_study, assert_same_state, current_rows_key
 from transforms.current import current_image, newest_per_study
-from transforms.report import read_stored_listing
+from transforms.report import read_report, read_stored_listing
 
 REPO = Path(__file__).parents[1]
 
@@ -111,8 +111,17 @@ def test_a_killed_run_then_a_rerun_equals_a_clean_run(sample, tmp_path, crash_at
   # Whatever the killed run left under the key schema is complete.
   for obj in (out / "bucket").rglob("*.tar.gz"):
     archive_members(obj)
+  in_place = sorted((out / "bucket").rglob("*.tar.gz"))
   rerun = subprocess.run(argv, cwd=REPO, capture_output=True, text=True)
   assert rerun.returncode == 0, rerun.stderr[-2000:]
+  # The summary says what the re-run did: objects left in place had only
+  # their rows written (the killed run wrote none); the others were written.
+  summary = read_report(str(out / "metadata" / "report.json"))["summary"]
+  assert summary["objects_rows_completed"] == len(in_place)
+  assert summary["objects"] == 6 - len(in_place)
+  assert summary["studies_skipped"] == 0 and summary["rows"] == 36
+  assert (f"objects written {6 - len(in_place)} " in rerun.stdout and
+          f"rows completed {len(in_place)}," in rerun.stdout)
   state = _state(out)
   assert not list((out / "bucket").rglob("*.partial"))
   clean = tmp_path / "clean"

@@ -410,7 +410,8 @@ class _WriteStudyArchive(beam.DoFn):
       # Stored, but its rows are missing (a run ended between the object and
       # its rows): write the rows for the object as it is.
       self.rows_only.inc()
-      yield StoredStudy(study, self._existing_location(uri, study), members)
+      yield StoredStudy(study, self._existing_location(uri, study), members,
+                        rows_completed=True)
       return
     members, sink = self._write(uri, study)
     location = self._written_location(uri, study, sink)

@@ -152,7 +152,10 @@ class MemberLocation:
 
 @dataclasses.dataclass(frozen=True)
 class StoredStudy:
-  """A study whose object was written: the input to row building."""
+  """A study whose object is stored: the input to row building."""
   study: Study
   location: ObjectLocation
   members: Tuple[MemberLocation, ...]   # same order as study.images
+  # The object was already stored, by a run that ended before its rows:
+  # only its rows are written now.
+  rows_completed: bool = False

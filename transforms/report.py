@@ -25,8 +25,10 @@ STORED_PREFIX = "stored-"
 
 def study_summary(stored: StoredStudy) -> Dict[str, Any]:
   """What the report keeps of a stored study: small, no headers, nothing per
-  image. The 'objects' list holds studies written in this run; skipped ones
-  (already stored) count among 'studies' and their files among the stored."""
+  image. The 'objects' list holds objects written in this run,
+  'objects_rows_completed' objects already in place whose rows this run
+  wrote; skipped ones (already stored, with current rows) count among
+  'studies' and their files among the stored."""
   return {
       "uri": stored.location.uri,
       "entity_id": stored.study.entity_id,
@@ -34,6 +36,7 @@ def study_summary(stored: StoredStudy) -> Dict[str, Any]:
       "instances": len(stored.members),
       "size_bytes": stored.location.size_bytes,
       "md5_hash": stored.location.md5_hash,
+      "rows_completed": stored.rows_completed,
   }
 
 
@@ -80,7 +83,10 @@ def build_report(run_id: str, version: str, collection: str,
                            "reason": e.reason} for e in excluded
                           if e.status == s), key=lambda d: d["path"])
                for s in (FLAGGED, REJECTED, FAILED)}
-  objects = sorted(studies, key=lambda s: s["uri"])
+  objects = sorted((s for s in studies if not s["rows_completed"]),
+                   key=lambda s: s["uri"])
+  completed = sorted((s for s in studies if s["rows_completed"]),
+                     key=lambda s: s["uri"])
   summary = {
       "entities": entities,
       "images_seen": discovered,
@@ -92,11 +98,13 @@ def build_report(run_id: str, version: str, collection: str,
       "studies_skipped": len(skipped),
       "objects": len(objects),
       "object_bytes": sum(o["size_bytes"] for o in objects),
+      "objects_rows_completed": len(completed),
       "rows": rows_written,
       "dead_letter_rows": dead_letters,
   }
   return {"run_id": run_id, "pipeline_version": version,
           "collection": collection, "summary": summary, "objects": objects,
+          "objects_rows_completed": completed,
           "stored_files": join_uri(listing, "*.json"), **by_status}
 
 
@@ -107,9 +115,10 @@ def format_summary(report: Dict[str, Any]) -> str:
       f"  entities {s['entities']}, images seen {s['images_seen']}: "
       f"kept {s['kept']}, flagged {s['flagged']}, rejected {s['rejected']}, "
       f"failed {s['failed']}",
-      f"  studies {s['studies']} ({s['studies_skipped']} skipped: already "
-      f"stored), objects written {s['objects']}, "
-      f"{s['object_bytes']:,} bytes; rows {s['rows']}"
+      f"  studies {s['studies']}: objects written {s['objects']} "
+      f"({s['object_bytes']:,} bytes), already in place with rows completed "
+      f"{s['objects_rows_completed']}, skipped (already stored) "
+      f"{s['studies_skipped']}; rows {s['rows']}"
       + (f", dead-letter rows {s['dead_letter_rows']}"
          if s["dead_letter_rows"] else ""),
   ]
