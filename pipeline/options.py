@@ -5,6 +5,7 @@ import argparse
 import dataclasses
 import difflib
 import os
+import posixpath
 import re
 from typing import List, Optional
 
@@ -108,6 +109,11 @@ class StorageOptions(PipelineOptions):
         "--bigquery_table",
         help="Send rows to this table instead: PROJECT:DATASET.TABLE.")
     parser.add_argument(
+        "--verbose", type=_flag, nargs="?", const=True, default=False,
+        help="Show every log line on the console (Beam's and the workers' "
+             "too). Every run's full log is in run-<run id>.log beside the "
+             "report either way.")
+    parser.add_argument(
         "--bigquery_method", default="STREAMING_INSERTS",
         choices=["STREAMING_INSERTS", "FILE_LOADS"],
         help="How rows reach BigQuery: STREAMING_INSERTS (as studies finish) "
@@ -150,6 +156,21 @@ def check_arguments(argv: List[str]) -> None:
   raise OptionsError(f"unknown option {name}{hint}")
 
 
+def verbose_requested(argv: List[str]) -> bool:
+  """--verbose among the arguments, read before the options are (the
+  console is set up first)."""
+  value = None
+  for arg in argv:
+    if arg == "--verbose":
+      value = "true"
+    elif arg.startswith("--verbose="):
+      value = arg.split("=", 1)[1]
+  try:
+    return value is not None and _flag(value)
+  except argparse.ArgumentTypeError:
+    return False
+
+
 def help_text() -> str:
   """--help: this pipeline's own options (Beam's own pass through)."""
   parser = argparse.ArgumentParser(
@@ -171,6 +192,7 @@ class RunConfig:
   metadata_output: Optional[str]
   dead_letter: str
   report: str
+  log: str                            # run-<run id>.log, beside the report
   item_id: str
   phi_rules: List[str]
   deid_recipe_text: Optional[str]
@@ -238,11 +260,13 @@ def resolve(opts: StorageOptions, run_id: str) -> RunConfig:
   # Without a local rows folder, the report and dead letters go to the
   # bucket, beside (never under) the Collection/ key schema.
   side = metadata_output or join_uri(bucket, f"Runs/{opts.collection}/{run_id}")
+  report = _absolute(opts.report) or join_uri(side, "report.json")
   return RunConfig(
       input_roots=roots, bucket=bucket,
       collection=opts.collection, metadata_output=metadata_output,
       dead_letter=_absolute(opts.dead_letter) or join_uri(side, "dead_letter"),
-      report=_absolute(opts.report) or join_uri(side, "report.json"),
+      report=report,
+      log=join_uri(posixpath.dirname(report), f"run-{run_id}.log"),
       item_id=opts.item_id, phi_rules=rules, deid_recipe_text=recipe_text,
       compression_level=opts.compression_level, entities=entities,
       overwrite=bool(opts.overwrite), bigquery_table=table,

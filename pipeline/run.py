@@ -2,12 +2,14 @@
 -> group by study -> write study archive -> build rows -> sink rows; report.
 """
 
+import contextlib
 import datetime
+import os
 import shutil
 import sys
 import tempfile
 import uuid
-from typing import List, Optional
+from typing import Iterator, List, Optional, Tuple
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
@@ -21,11 +23,14 @@ from apache_beam.runners.portability.fn_api_runner import fn_runner
 from apache_beam.runners.portability.portable_runner import JobServiceHandle
 
 from pipeline import __version__
+from pipeline.console import (Console, StorageProgress, live_progress,
+                              run_log)
 from pipeline.local_workers import (WarmWorkers, default_worker_count,
                                     return_large_buffers_to_the_os,
                                     take_warm_workers)
 from pipeline.options import (OptionsError, RunConfig, StorageOptions,
-                              check_arguments, help_text, resolve)
+                              check_arguments, help_text, resolve,
+                              verbose_requested)
 from transforms.access import AccessError, check_cloud_access, explain_forbidden
 from transforms.archive import WriteStudyArchive
 from transforms.bigquery import (IncompatibleTable, WriteRowsBigQuery,
@@ -36,9 +41,10 @@ from transforms.current import ReadCurrentRows
 from transforms.dicom import ReadHeaders
 from transforms.gcs import blob_for, storage_client
 from transforms.discover import (DiscoverEntityFiles, InputError,
-                                 check_input_roots)
+                                 check_input_roots, listing_patterns)
 from transforms.keys import join_uri
 from transforms.phi import FlagPhiByHeader, FlagPhiByPath
+from transforms.progress import PROGRESS_DIR_ENV, read_progress
 from transforms.report import (WriteRunReport, format_summary, read_report,
                                write_report)
 from transforms.rows import BuildRows
@@ -180,8 +186,10 @@ def _counter(result, name: str) -> int:
   return sum((c.committed or c.attempted or 0) for c in counters)
 
 
-def run(argv: Optional[List[str]] = None) -> dict:
-  """Runs the pipeline; returns the run report. Raises OptionsError."""
+def run(argv: Optional[List[str]] = None,
+        console: Optional[Console] = None) -> dict:
+  """Runs the pipeline; returns the run report. Raises OptionsError. With
+  a console, says where the run goes and shows its progress there."""
   argv = list(sys.argv[1:] if argv is None else argv)
   check_arguments(argv)
   use_emulator_if_configured()   # no-op unless BIGQUERY_EMULATOR_HOST is set
@@ -209,17 +217,18 @@ def run(argv: Optional[List[str]] = None) -> dict:
   # Workers apply the emulator wiring too (no-op in production).
   options = PipelineOptions(argv + worker_plugin_args())
   runner = local_runner(options, argv)
-  # Only a local run spills images, to a folder of its own (TMPDIR).
-  spill_dir = None if runner is None else tempfile.mkdtemp(
-      prefix=f"dicomstore-headers-{run_id}-")
-  p = beam.Pipeline(runner=runner, options=options)
-  build(p, config, run_id, spill_dir)
-  try:
-    result = p.run()
-    result.wait_until_finish()
-  finally:
-    if spill_dir:
-      shutil.rmtree(spill_dir, ignore_errors=True)
+  if console:
+    console.line(start_line(config, run_id))
+  with run_log(config.log), _local_run_folders(runner, run_id) as (
+      spill_dir, progress_dir):
+    p = beam.Pipeline(runner=runner, options=options)
+    build(p, config, run_id, spill_dir)
+    progress = StorageProgress(len(listing_patterns(config.input_roots,
+                                                    config.entities)))
+    with live_progress(console if progress_dir else None,
+                       lambda: read_progress(progress_dir), progress):
+      result = p.run()
+      result.wait_until_finish()
 
   report = read_report(config.report)
   report["summary"]["input_bytes_read"] = (
@@ -227,6 +236,7 @@ def run(argv: Optional[List[str]] = None) -> dict:
   report["summary"]["header_bytes_spilled"] = _counter(result,
                                                        "header_bytes_spilled")
   report["report_path"] = config.report
+  report["log"] = config.log
   report["metadata_output"] = config.metadata_output
   report["bucket"] = config.bucket
   report["bigquery_table"] = config.bigquery_table
@@ -234,27 +244,65 @@ def run(argv: Optional[List[str]] = None) -> dict:
   return report
 
 
+def start_line(config: RunConfig, run_id: str) -> str:
+  rows = [where for where in (
+      config.metadata_output and f"{config.metadata_output}/rows-{run_id}-*.json",
+      config.bigquery_table and f"BigQuery {config.bigquery_table}") if where]
+  return (f"Run {run_id}: {', '.join(config.input_roots)} -> "
+          f"{config.bucket}/Collection/{config.collection}/, rows to "
+          f"{' and '.join(rows)}; log {config.log}")
+
+
+@contextlib.contextmanager
+def _local_run_folders(runner, run_id: str
+                       ) -> Iterator[Tuple[Optional[str], Optional[str]]]:
+  """A local run's own folders under TMPDIR, deleted when it ends whatever
+  the outcome: where images wait while they are grouped (spill), and where
+  its processes count what they have done (progress, named to them by
+  environment). (None, None) for other runners."""
+  if runner is None:
+    yield None, None
+    return
+  spill_dir = tempfile.mkdtemp(prefix=f"dicomstore-headers-{run_id}-")
+  progress_dir = tempfile.mkdtemp(prefix=f"dicomstore-progress-{run_id}-")
+  before = os.environ.get(PROGRESS_DIR_ENV)
+  os.environ[PROGRESS_DIR_ENV] = progress_dir
+  try:
+    yield spill_dir, progress_dir
+  finally:
+    if before is None:
+      os.environ.pop(PROGRESS_DIR_ENV, None)
+    else:
+      os.environ[PROGRESS_DIR_ENV] = before
+    shutil.rmtree(spill_dir, ignore_errors=True)
+    shutil.rmtree(progress_dir, ignore_errors=True)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   if "--help" in argv or "-h" in argv:
     print(help_text())
     return 0
-  try:
-    report = run(argv)
-  except OptionsError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  print(format_summary(report))
-  print(f"  objects under {report['bucket']}/Collection/{report['collection']}/")
+  console = Console()
+  with console.logging_to_console(verbose_requested(argv)):
+    try:
+      report = run(argv, console)
+    except OptionsError as e:
+      console.line(f"error: {e}", sys.stderr)
+      return 2
+  console.line(format_summary(report))
+  console.line(f"  objects under {report['bucket']}/Collection/"
+               f"{report['collection']}/")
   if report["metadata_output"]:
-    print(f"  rows in {report['metadata_output']}/rows-{report['run_id']}-*.json")
+    console.line(f"  rows in {report['metadata_output']}/rows-"
+                 f"{report['run_id']}-*.json")
   if report.get("bigquery_table"):
-    print(f"  rows in BigQuery {report['bigquery_table']} "
-          f"(current rows: view {report['bigquery_table']}_current)")
-  print(f"  report {report['report_path']}, stored files listed in "
-        f"{report['stored_files']}")
+    console.line(f"  rows in BigQuery {report['bigquery_table']} "
+                 f"(current rows: view {report['bigquery_table']}_current)")
+  console.line(f"  report {report['report_path']}, stored files listed in "
+               f"{report['stored_files']}, log {report['log']}")
   if report["summary"]["failed"]:
-    print(f"error: {report['summary']['failed']} files could not be stored; "
-          "see 'failed' in the report", file=sys.stderr)
+    console.line(f"error: {report['summary']['failed']} files could not be "
+                 "stored; see 'failed' in the report", sys.stderr)
     return 1
   return 0

@@ -120,8 +120,8 @@ def test_a_killed_run_then_a_rerun_equals_a_clean_run(sample, tmp_path, crash_at
   assert summary["objects_rows_completed"] == len(in_place)
   assert summary["objects"] == 6 - len(in_place)
   assert summary["studies_skipped"] == 0 and summary["rows"] == 36
-  assert (f"objects written {6 - len(in_place)} " in rerun.stdout and
-          f"rows completed {len(in_place)}," in rerun.stdout)
+  assert (f": {6 - len(in_place)} objects written (" in rerun.stdout and
+          f"{len(in_place)} already in place (rows completed)" in rerun.stdout)
   state = _state(out)
   assert not list((out / "bucket").rglob("*.partial"))
   clean = tmp_path / "clean"

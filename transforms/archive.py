@@ -43,6 +43,7 @@ from transforms.dicom import open_source
 from transforms.gcs import (blob_for, split_gs_uri, storage_client,
                             stored_object_location)
 from transforms.keys import join_uri
+from transforms.progress import Count
 from transforms.retrieve import RetrievalError, read_range, unpack_member
 from transforms.records import (FAILED, Excluded, MemberLocation,
                                 ObjectLocation, StoredStudy, Study,
@@ -242,9 +243,11 @@ def write_study_archive(study: Study, out: BinaryIO,
                         opener: Callable[[str], BinaryIO] = open_source,
                         md5: bool = True,
                         threads: int = COMPRESSION_THREADS,
+                        progress: Optional[Count] = None,
                         ) -> Tuple[List[MemberLocation], _HashingSink]:
   """Writes the study's images and its manifest into out (md5=False when
-  the store computes the object's MD5 itself)."""
+  the store computes the object's MD5 itself); progress counts the input
+  bytes as each image is appended."""
   writer = StudyArchiveWriter(out, level, md5)
   members: List[MemberLocation] = []
   pending = collections.deque()   # (image, member name, future), in order
@@ -255,6 +258,8 @@ def write_study_archive(study: Study, out: BinaryIO,
         sop_instance_uid=image.sop_instance_uid, member=name,
         size_bytes=image.source.size_bytes, sha256=sha256,
         member_offset=offset, member_length=length))
+    if progress is not None:
+      progress.inc(image.source.size_bytes)
     crash_point("archive_member")
 
   def append_oldest():
@@ -371,12 +376,15 @@ class _WriteStudyArchive(beam.DoFn):
     self.level = level
     self.overwrite = overwrite
     self.gcs = None
-    self.objects = Metrics.counter("archive", "objects_written")
-    self.skipped = Metrics.counter("archive", "studies_skipped")
-    self.rows_only = Metrics.counter("archive", "studies_rows_rewritten")
-    self.bytes = Metrics.counter("archive", "object_bytes_written")
+    self.objects = Count("objects_written")
+    self.skipped = Count("studies_skipped")
+    self.rows_only = Count("studies_rows_completed")
+    self.bytes = Count("object_bytes_written")
+    self.archived = Count("source_bytes_archived")
+    self.failed = Count("studies_failed")
+    self.finished = Count("images_finished")
+    # The run's input bytes read (the report's input_bytes_read).
     self.source_bytes = Metrics.counter("archive", "source_bytes_read")
-    self.failed = Metrics.counter("archive", "studies_failed")
 
   def setup(self):
     if self.bucket.startswith("gs://"):
@@ -385,7 +393,9 @@ class _WriteStudyArchive(beam.DoFn):
   def process(self, study: Study) -> Iterable[StoredStudy]:
     try:
       yield from self._store(study, list(study.current))
+      self.finished.inc(len(study.images))
     except Exception as e:  # pylint: disable=broad-except
+      self.finished.inc(len(study.images))
       self.failed.inc()
       logging.error("Study %s (%s) failed: %s", study.study_instance_uid,
                     study.object_key, e)
@@ -436,7 +446,8 @@ class _WriteStudyArchive(beam.DoFn):
           tmp, compression_type=CompressionTypes.UNCOMPRESSED) as out:
         created = True
         members, sink = write_study_archive(study, out, self.level,
-                                            md5=self.gcs is None)
+                                            md5=self.gcs is None,
+                                            progress=self.archived)
       if not atomic:
         FileSystems.rename([tmp], [uri])
       return members, sink

@@ -19,6 +19,7 @@ from pydicom.errors import InvalidDicomError
 
 from transforms.header_json import HeaderExport, export_header
 from transforms.part10 import read_part10_header
+from transforms.progress import Count
 from transforms.records import (REJECTED, Excluded, HeaderPart, ImageRecord,
                                 SourceFile, pack_text)
 from transforms.rows import dicom_columns
@@ -157,8 +158,8 @@ class _ReadHeader(beam.DoFn):
     self.remote = remote
     self.item_keyword = item_keyword
     self.gcsio = None
-    self.read = Metrics.counter("dicom", "headers_read")
-    self.rejected = Metrics.counter("dicom", "files_rejected")
+    self.read = Count("headers_read")
+    self.rejected = Count("files_rejected")
     self.bytes_read = Metrics.counter("dicom", "header_bytes_read")
 
   def setup(self):

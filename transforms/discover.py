@@ -14,9 +14,9 @@ from typing import Iterable, List, Optional, Sequence, Tuple
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.metrics import Metrics
 
 from transforms.keys import UnsafeKeyComponent, check_key_component
+from transforms.progress import Count
 from transforms.records import REJECTED, Excluded, SourceFile
 
 EXCLUDED_TAG = "excluded"
@@ -113,7 +113,9 @@ class _ListRoot(beam.DoFn):
   where a tuple per file took ~0.5 kB in the driver."""
 
   def __init__(self):
-    self.listed = Metrics.counter("discover", "files_listed")
+    self.listed = Count("files_listed")
+    self.bytes_listed = Count("bytes_listed")
+    self.done = Count("listings_done")
 
   def process(self, root_and_pattern: Tuple[str, str]
               ) -> Iterable[Tuple[str, str]]:
@@ -122,12 +124,14 @@ class _ListRoot(beam.DoFn):
     for result in FileSystems.match([pattern]):
       for meta in result.metadata_list:
         self.listed.inc()
+        self.bytes_listed.inc(meta.size_in_bytes)
         batch.append((meta.path, meta.size_in_bytes))
         if len(batch) == FILES_PER_BATCH:
           yield root, json.dumps(batch)
           batch = []
     if batch:
       yield root, json.dumps(batch)
+    self.done.inc()
 
 
 def _unbatch(root: str, batch: str) -> Iterable[Tuple[str, str, int]]:
@@ -137,7 +141,7 @@ def _unbatch(root: str, batch: str) -> Iterable[Tuple[str, str, int]]:
 
 class _ToSourceFile(beam.DoFn):
   def __init__(self):
-    self.rejected = Metrics.counter("discover", "files_rejected")
+    self.rejected = Count("files_rejected")
 
   def process(self, listed: Tuple[str, str, int]) -> Iterable[SourceFile]:
     root, path, size_bytes = listed

@@ -12,8 +12,8 @@ import tempfile
 from typing import Iterable, Optional, Sequence
 
 import apache_beam as beam
-from apache_beam.metrics import Metrics
 
+from transforms.progress import Count
 from transforms.records import FLAGGED, Excluded, ImageRecord, SourceFile
 
 EXCLUDED_TAG = "excluded"
@@ -118,7 +118,7 @@ class _ApplyRules(beam.DoFn):
     self.rules = rules
     self.entity_of = entity_of
     self.path_of = path_of
-    self.flagged = Metrics.counter("phi", "flagged")
+    self.flagged = Count("files_flagged")
 
   def process(self, element) -> Iterable:
     for rule in self.rules:

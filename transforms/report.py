@@ -115,10 +115,10 @@ def format_summary(report: Dict[str, Any]) -> str:
       f"  entities {s['entities']}, images seen {s['images_seen']}: "
       f"kept {s['kept']}, flagged {s['flagged']}, rejected {s['rejected']}, "
       f"failed {s['failed']}",
-      f"  studies {s['studies']}: objects written {s['objects']} "
-      f"({s['object_bytes']:,} bytes), already in place with rows completed "
-      f"{s['objects_rows_completed']}, skipped (already stored) "
-      f"{s['studies_skipped']}; rows {s['rows']}"
+      f"  studies {s['studies']}: {s['objects']} objects written "
+      f"({s['object_bytes']:,} bytes), {s['objects_rows_completed']} already "
+      f"in place (rows completed), {s['studies_skipped']} skipped (already "
+      f"stored); rows {s['rows']}"
       + (f", dead-letter rows {s['dead_letter_rows']}"
          if s["dead_letter_rows"] else ""),
   ]

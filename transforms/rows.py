@@ -8,9 +8,9 @@ import math
 from typing import Any, Dict, Iterable, Optional, Sequence
 
 import apache_beam as beam
-from apache_beam.metrics import Metrics
 
 from transforms.keys import calendar_date
+from transforms.progress import Count
 from transforms.records import (HeaderPart, ImageRecord, MemberLocation,
                                 StoredStudy)
 from transforms.schema import DICOM_COLUMNS, INVALID_VALUES
@@ -120,7 +120,7 @@ class _BuildRows(beam.DoFn):
     self.collection = collection
     self.run_id = run_id
     self.version = version
-    self.rows = Metrics.counter("rows", "rows_built")
+    self.rows = Count("rows_built")
 
   def process(self, stored: StoredStudy) -> Iterable[Dict[str, Any]]:
     images = stored.study.images

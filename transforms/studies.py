@@ -18,10 +18,10 @@ from typing import (Any, Callable, Dict, Iterable, List, NamedTuple, Optional,
                     Sequence, Tuple)
 
 import apache_beam as beam
-from apache_beam.metrics import Metrics
 
 from transforms.keys import (UnsafeKeyComponent, study_date_component,
                              study_object_key, study_object_name, uid_short_id)
+from transforms.progress import Count
 from transforms.records import (FLAGGED, REJECTED, Excluded, ImageRecord,
                                 Study)
 from transforms.spill import SpilledImages, SpillImages
@@ -162,7 +162,10 @@ class _BuildStudy(beam.DoFn):
   def __init__(self, collection: str, spill_dir: Optional[str] = None):
     self.collection = collection
     self.spill_dir = spill_dir
-    self.duplicates = Metrics.counter("studies", "duplicate_instances")
+    self.flagged = Count("files_flagged")
+    self.rejected = Count("files_rejected")
+    self.built = Count("studies_built")
+    self.kept = Count("images_kept")
 
   def process(self, keyed, flagged_by_study, current_by_study
               ) -> Iterable[Study]:
@@ -179,6 +182,7 @@ class _BuildStudy(beam.DoFn):
     current = tuple(sorted(current_by_study[(entity_id, study_uid)]))
     entries, dropped = drop_flagged_copies(entity_id, entries, flagged)
     for excluded in dropped:
+      self.flagged.inc()
       yield beam.pvalue.TaggedOutput(EXCLUDED_TAG, excluded)
     if not entries:
       return
@@ -186,14 +190,17 @@ class _BuildStudy(beam.DoFn):
       study, duplicates = build_study(self.collection, entity_id, study_uid,
                                       entries, hold)
     except UnsafeKeyComponent as e:
+      self.rejected.inc(len(entries))
       for entry in entries:
         yield beam.pvalue.TaggedOutput(EXCLUDED_TAG, Excluded(
             entry.path, entity_id, REJECTED,
             f"study {study_uid} cannot be named: {e}"))
       return
     for excluded in duplicates:
-      self.duplicates.inc()
+      self.rejected.inc()
       yield beam.pvalue.TaggedOutput(EXCLUDED_TAG, excluded)
+    self.built.inc()
+    self.kept.inc(len(study.images))
     yield dataclasses.replace(study, current=current)
 
 
