@@ -57,6 +57,7 @@ MISTAKES = {
     "deid_recipe": ["deid.dicom"],
     "compression_level": ["4", "-1", "fast"],
     "overwrite": ["yes", "True"],
+    "verbose": ["yes", "1"],
 }
 
 
