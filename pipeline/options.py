@@ -109,6 +109,14 @@ class StorageOptions(PipelineOptions):
         "--bigquery_table",
         help="Send rows to this table instead: PROJECT:DATASET.TABLE.")
     parser.add_argument(
+        "--plan", type=_flag, nargs="?", const=True, default=False,
+        help="A dry run for review: list, read headers, apply the PHI rules, "
+             "group studies and decide what each would be (written, rows "
+             "completed, skipped); write no object, no row, no dead letter. "
+             "The report (JSON and HTML) says what a run would do. Default "
+             "report: <metadata_output>/plan.json, else "
+             "./plan-<run id>/plan.json (never in the bucket).")
+    parser.add_argument(
         "--verbose", type=_flag, nargs="?", const=True, default=False,
         help="Show every log line on the console (Beam's and the workers' "
              "too). Every run's full log is in run-<run id>.log beside the "
@@ -201,6 +209,7 @@ class RunConfig:
   overwrite: bool
   bigquery_table: Optional[str]       # PROJECT:DATASET.TABLE
   bigquery_method: str
+  plan: bool = False                  # decide, write nothing but the report
 
 
 def _absolute(path: Optional[str]) -> Optional[str]:
@@ -261,6 +270,10 @@ def resolve(opts: StorageOptions, run_id: str) -> RunConfig:
   # bucket, beside (never under) the Collection/ key schema.
   side = metadata_output or join_uri(bucket, f"Runs/{opts.collection}/{run_id}")
   report = _absolute(opts.report) or join_uri(side, "report.json")
+  if opts.plan and not opts.report:
+    # A plan writes nothing to the bucket, its report included.
+    report = join_uri(metadata_output or os.path.abspath(f"plan-{run_id}"),
+                      "plan.json")
   return RunConfig(
       input_roots=roots, bucket=bucket,
       collection=opts.collection, metadata_output=metadata_output,
@@ -270,7 +283,7 @@ def resolve(opts: StorageOptions, run_id: str) -> RunConfig:
       item_id=opts.item_id, phi_rules=rules, deid_recipe_text=recipe_text,
       compression_level=opts.compression_level, entities=entities,
       overwrite=bool(opts.overwrite), bigquery_table=table,
-      bigquery_method=opts.bigquery_method)
+      bigquery_method=opts.bigquery_method, plan=bool(opts.plan))
 
 
 TABLE_PATTERN = re.compile(

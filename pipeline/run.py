@@ -32,9 +32,9 @@ from pipeline.options import (OptionsError, RunConfig, StorageOptions,
                               check_arguments, help_text, resolve,
                               verbose_requested)
 from transforms.access import AccessError, check_cloud_access, explain_forbidden
-from transforms.archive import WriteStudyArchive
+from transforms.archive import PlanStudyArchive, WriteStudyArchive
 from transforms.bigquery import (IncompatibleTable, WriteRowsBigQuery,
-                                 ensure_dataset_and_view)
+                                 ensure_dataset_and_view, table_exists)
 from transforms.bigquery_emulator import (use_emulator_if_configured,
                                           worker_plugin_args)
 from transforms.current import ReadCurrentRows
@@ -126,10 +126,60 @@ def check_destination(bucket: str, run_id: str) -> None:
                        ) from e
 
 
+def check_readable(bucket: str, collection: str) -> None:
+  """Fails fast when the bucket's objects cannot be listed (a plan reads
+  them, and writes nothing)."""
+  try:
+    if bucket.startswith("gs://"):
+      name = bucket[len("gs://"):].split("/")[0]
+      list(storage_client().list_blobs(
+          name, prefix=f"Collection/{collection}/", max_results=1))
+    elif os.path.exists(bucket) and not os.path.isdir(bucket):
+      raise OSError("not a folder")
+  except Exception as e:  # pylint: disable=broad-except
+    name = bucket[len("gs://"):].split("/")[0] if bucket.startswith(
+        "gs://") else None
+    raise OptionsError(f"--bucket {bucket!r} cannot be read: " + (
+        explain_forbidden(e, bucket=name) if name else str(e))) from e
+
+
+def check_targets(config: RunConfig, run_id: str) -> bool:
+  """Before any work: credentials, the bucket (writable; readable for a
+  plan) and the BigQuery table (created with its view when missing; a plan
+  creates nothing). Raises OptionsError saying what is wrong. Returns
+  whether there are current rows to read (not when a plan's table does not
+  exist yet)."""
+  try:
+    check_cloud_access(config.bucket, config.bigquery_table)
+  except AccessError as e:
+    raise OptionsError(str(e)) from e
+  if config.plan:
+    check_readable(config.bucket, config.collection)
+  else:
+    check_destination(config.bucket, run_id)
+  if not config.bigquery_table:
+    return True
+  try:
+    if config.plan:
+      return table_exists(config.bigquery_table)
+    ensure_dataset_and_view(config.bigquery_table)
+    return True
+  except IncompatibleTable as e:
+    raise OptionsError(str(e)) from e
+  except Exception as e:  # pylint: disable=broad-except
+    raise OptionsError(
+        f"BigQuery {config.bigquery_table} is not reachable: "
+        f"{explain_forbidden(e, table=config.bigquery_table)}") from e
+
+
 def build(p: beam.Pipeline, config: RunConfig, run_id: str,
-          spill_dir: Optional[str] = None) -> None:
+          spill_dir: Optional[str] = None, read_current: bool = True
+          ) -> None:
   """The graph, in the order the product is described. spill_dir: a local
-  run's own folder, where images wait while they are grouped."""
+  run's own folder, where images wait while they are grouped. read_current:
+  False when there are no current rows to read (a plan for a table that
+  does not exist yet). A plan (config.plan) stops where writing would
+  begin: each study is decided, and only the report is written."""
   found = p | "Discover" >> DiscoverEntityFiles(config.input_roots,
                                                config.entities)
   path_checked = found.files | "FlagPhiByPath" >> FlagPhiByPath(
@@ -145,40 +195,44 @@ def build(p: beam.Pipeline, config: RunConfig, run_id: str,
           remote, config.item_id)).images,
       header_checked.flagged) | "AllFlagged" >> beam.Flatten()
   current = p | "ReadCurrentRows" >> ReadCurrentRows(
-      config.bigquery_table, config.metadata_output, config.overwrite)
+      config.bigquery_table, config.metadata_output,
+      config.overwrite or not read_current)
   # A local run's images wait in local files (transforms/spill.py).
   grouped = {"images": header_checked.kept, "flagged": flagged_images,
              "current": current} | "GroupStudies" >> GroupStudies(
                  config.collection, spill_dir)
-  written = grouped["studies"] | "WriteStudyArchive" >> WriteStudyArchive(
-      config.bucket, config.compression_level, config.overwrite)
-  rows = written.stored | "BuildRows" >> BuildRows(
-      config.collection, run_id, __version__)
-  checked = rows | "CheckRows" >> CheckRows()
-  if config.metadata_output:
-    checked.valid | "WriteRowsLocal" >> WriteRowsLocal(
-        config.metadata_output, run_id)
-  refused = []
-  if config.bigquery_table:
-    refused = [checked.valid | "WriteRowsBigQuery" >> WriteRowsBigQuery(
-        config.bigquery_table, config.bigquery_method)]
-  dead = [checked.dead_letter, *refused] | "AllDeadLetters" >> beam.Flatten()
-  dead | "WriteDeadLetter" >> WriteDeadLetters(
-      join_uri(config.dead_letter, f"dead_letter-{run_id}.json"))
-
   excluded = [found[EXCLUDED], path_checked[EXCLUDED], read[EXCLUDED],
-              header_checked[EXCLUDED], grouped[EXCLUDED], written[EXCLUDED]]
-  _ = {
-      "seen": (found.files, found[EXCLUDED]),
-      "files": found.files,
-      "excluded": excluded | "AllExcluded" >> beam.Flatten(),
-      "stored": written.stored,
-      "skipped": written.skipped,
-      "rows": checked.valid,
-      "refused": refused[0] if refused else p | "NoneRefused" >> beam.Create([]),
-      "dead_letter": dead,
-  } | "WriteRunReport" >> WriteRunReport(
-      config.report, run_id, __version__, config.collection)
+              header_checked[EXCLUDED], grouped[EXCLUDED]]
+  report = {"seen": (found.files, found[EXCLUDED]), "files": found.files}
+
+  if config.plan:
+    planned = grouped["studies"] | "PlanStudyArchive" >> PlanStudyArchive(
+        config.bucket, config.overwrite)
+    report.update(planned=planned.planned, excluded=[
+        *excluded, planned[EXCLUDED]] | "AllExcluded" >> beam.Flatten())
+  else:
+    written = grouped["studies"] | "WriteStudyArchive" >> WriteStudyArchive(
+        config.bucket, config.compression_level, config.overwrite)
+    rows = written.stored | "BuildRows" >> BuildRows(
+        config.collection, run_id, __version__)
+    checked = rows | "CheckRows" >> CheckRows()
+    if config.metadata_output:
+      checked.valid | "WriteRowsLocal" >> WriteRowsLocal(
+          config.metadata_output, run_id)
+    refused = []
+    if config.bigquery_table:
+      refused = [checked.valid | "WriteRowsBigQuery" >> WriteRowsBigQuery(
+          config.bigquery_table, config.bigquery_method)]
+    dead = [checked.dead_letter, *refused] | "AllDeadLetters" >> beam.Flatten()
+    dead | "WriteDeadLetter" >> WriteDeadLetters(
+        join_uri(config.dead_letter, f"dead_letter-{run_id}.json"))
+    report.update(
+        excluded=[*excluded, written[EXCLUDED]] | "AllExcluded" >> beam.Flatten(),
+        stored=written.stored, skipped=written.skipped, rows=checked.valid,
+        refused=refused[0] if refused else p | "NoneRefused" >> beam.Create([]),
+        dead_letter=dead)
+  _ = report | "WriteRunReport" >> WriteRunReport(
+      config.report, run_id, __version__, config.collection, config.plan)
 
 
 def _counter(result, name: str) -> int:
@@ -200,31 +254,22 @@ def run(argv: Optional[List[str]] = None,
     check_input_roots(config.input_roots)
   except InputError as e:
     raise OptionsError(str(e)) from e
-  try:
-    check_cloud_access(config.bucket, config.bigquery_table)
-  except AccessError as e:
-    raise OptionsError(str(e)) from e
-  check_destination(config.bucket, run_id)
-  if config.bigquery_table:
-    try:
-      ensure_dataset_and_view(config.bigquery_table)
-    except IncompatibleTable as e:
-      raise OptionsError(str(e)) from e
-    except Exception as e:  # pylint: disable=broad-except
-      raise OptionsError(
-          f"BigQuery {config.bigquery_table} is not reachable: "
-          f"{explain_forbidden(e, table=config.bigquery_table)}") from e
+  read_current = check_targets(config, run_id)
   # Workers apply the emulator wiring too (no-op in production).
   options = PipelineOptions(argv + worker_plugin_args())
   runner = local_runner(options, argv)
+  if runner is None and config.plan and "://" not in config.report:
+    raise OptionsError("--plan on a remote runner needs --report gs://... "
+                       "(the plan is written there; nothing is written to "
+                       "the bucket)")
   if console:
     console.line(start_line(config, run_id))
   with run_log(config.log), _local_run_folders(runner, run_id) as (
       spill_dir, progress_dir):
     p = beam.Pipeline(runner=runner, options=options)
-    build(p, config, run_id, spill_dir)
-    progress = StorageProgress(len(listing_patterns(config.input_roots,
-                                                    config.entities)))
+    build(p, config, run_id, spill_dir, read_current)
+    progress = StorageProgress(len(listing_patterns(
+        config.input_roots, config.entities)), config.plan)
     with live_progress(console if progress_dir else None,
                        lambda: read_progress(progress_dir), progress):
       result = p.run()
@@ -248,6 +293,10 @@ def start_line(config: RunConfig, run_id: str) -> str:
   rows = [where for where in (
       config.metadata_output and f"{config.metadata_output}/rows-{run_id}-*.json",
       config.bigquery_table and f"BigQuery {config.bigquery_table}") if where]
+  if config.plan:
+    return (f"Plan {run_id}: {', '.join(config.input_roots)} -> "
+            f"{config.bucket}/Collection/{config.collection}/ (nothing is "
+            f"written but the plan, {config.report}); log {config.log}")
   return (f"Run {run_id}: {', '.join(config.input_roots)} -> "
           f"{config.bucket}/Collection/{config.collection}/, rows to "
           f"{' and '.join(rows)}; log {config.log}")
@@ -291,18 +340,29 @@ def main(argv: Optional[List[str]] = None) -> int:
       console.line(f"error: {e}", sys.stderr)
       return 2
   console.line(format_summary(report))
-  console.line(f"  objects under {report['bucket']}/Collection/"
-               f"{report['collection']}/")
-  if report["metadata_output"]:
-    console.line(f"  rows in {report['metadata_output']}/rows-"
-                 f"{report['run_id']}-*.json")
-  if report.get("bigquery_table"):
-    console.line(f"  rows in BigQuery {report['bigquery_table']} "
-                 f"(current rows: view {report['bigquery_table']}_current)")
-  console.line(f"  report {report['report_path']}, stored files listed in "
-               f"{report['stored_files']}, log {report['log']}")
+  for line in where_lines(report):
+    console.line(line)
   if report["summary"]["failed"]:
     console.line(f"error: {report['summary']['failed']} files could not be "
-                 "stored; see 'failed' in the report", sys.stderr)
+                 f"{'checked' if report['plan'] else 'stored'}; see 'failed' "
+                 "in the report", sys.stderr)
     return 1
   return 0
+
+
+def where_lines(report: dict) -> List[str]:
+  """Where a person finds what the run wrote."""
+  if report["plan"]:
+    return [f"  plan {report['report_path']}; files that would be stored "
+            f"listed in {report['stored_files']}; log {report['log']}"]
+  lines = [f"  objects under {report['bucket']}/Collection/"
+           f"{report['collection']}/"]
+  if report["metadata_output"]:
+    lines.append(f"  rows in {report['metadata_output']}/rows-"
+                 f"{report['run_id']}-*.json")
+  if report.get("bigquery_table"):
+    lines.append(f"  rows in BigQuery {report['bigquery_table']} "
+                 f"(current rows: view {report['bigquery_table']}_current)")
+  lines.append(f"  report {report['report_path']}, stored files listed in "
+               f"{report['stored_files']}, log {report['log']}")
+  return lines

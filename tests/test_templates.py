@@ -58,6 +58,7 @@ MISTAKES = {
     "compression_level": ["4", "-1", "fast"],
     "overwrite": ["yes", "True"],
     "verbose": ["yes", "1"],
+    "plan": ["yes", "TRUE"],
 }
 
 

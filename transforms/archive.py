@@ -45,9 +45,9 @@ from transforms.gcs import (blob_for, split_gs_uri, storage_client,
 from transforms.keys import join_uri
 from transforms.progress import Count
 from transforms.retrieve import RetrievalError, read_range, unpack_member
-from transforms.records import (FAILED, Excluded, MemberLocation,
-                                ObjectLocation, StoredStudy, Study,
-                                rfc3339_utc)
+from transforms.records import (COMPLETE_ROWS, FAILED, SKIP, WRITE,
+                                Excluded, MemberLocation, ObjectLocation,
+                                PlannedStudy, StoredStudy, Study, rfc3339_utc)
 
 EXCLUDED_TAG = "excluded"
 SKIPPED_TAG = "skipped"
@@ -355,6 +355,19 @@ def rows_are_current(current: List[tuple], members: Tuple[MemberLocation, ...]
       (m.sop_instance_uid, m.sha256, m.member_offset) for m in members)
 
 
+def decide(study: Study, manifest: Optional[dict], current: List[tuple]
+           ) -> Tuple[str, Optional[Tuple[MemberLocation, ...]]]:
+  """What a study needs (WRITE, COMPLETE_ROWS or SKIP), from its stored
+  object's manifest (None: no readable object, or --overwrite) and its
+  current rows; and the stored object's members, unless WRITE."""
+  if manifest is not None and manifest_matches(manifest, study):
+    members = members_from_manifest(manifest)
+    if current and rows_are_current(current, members):
+      return SKIP, members
+    return COMPLETE_ROWS, members
+  return WRITE, None
+
+
 def crash_point(name: str) -> None:
   """Test hook: DICOM_STORAGE_CRASH_AT=<name>:<n> kills this process with
   SIGKILL the n-th time it passes <name>, to prove re-runs recover from a
@@ -408,17 +421,17 @@ class _WriteStudyArchive(beam.DoFn):
   def _store(self, study: Study, current: List[tuple]) -> Iterable:
     uri = join_uri(self.bucket, study.object_key)
     manifest = None if self.overwrite else read_manifest(uri, self.gcs)
-    if manifest is not None and manifest_matches(manifest, study):
-      members = members_from_manifest(manifest)
-      if current and rows_are_current(current, members):
-        self.skipped.inc()
-        _, _, _, md5, size, written_at = current[0]
-        yield beam.pvalue.TaggedOutput(SKIPPED_TAG, StoredStudy(
-            study, ObjectLocation(uri, self.bucket, study.object_key, size,
-                                  md5, "", written_at), members))
-        return
-      # Stored, but its rows are missing (a run ended between the object and
-      # its rows): write the rows for the object as it is.
+    action, members = decide(study, manifest, current)
+    if action == SKIP:
+      self.skipped.inc()
+      _, _, _, md5, size, written_at = current[0]
+      yield beam.pvalue.TaggedOutput(SKIPPED_TAG, StoredStudy(
+          study, ObjectLocation(uri, self.bucket, study.object_key, size,
+                                md5, "", written_at), members))
+      return
+    if action == COMPLETE_ROWS:
+      # Stored, but its rows are missing (a run ended between the object
+      # and its rows): write the rows for the object as it is.
       self.rows_only.inc()
       yield StoredStudy(study, self._existing_location(uri, study), members,
                         rows_completed=True)
@@ -526,3 +539,51 @@ class WriteStudyArchive(beam.PTransform):
     return studies | "WriteArchive" >> beam.ParDo(_WriteStudyArchive(
         self.bucket, self.level, self.overwrite)).with_outputs(
             EXCLUDED_TAG, SKIPPED_TAG, main="stored")
+
+
+class _PlanStudyArchive(beam.DoFn):
+  """Decides what a study needs, as _WriteStudyArchive would, and writes
+  nothing: reads the stored object's manifest and the current rows only."""
+
+  def __init__(self, bucket: str, overwrite: bool):
+    self.bucket = bucket
+    self.overwrite = overwrite
+    self.gcs = None
+    self.planned = Count("studies_planned")
+    self.finished = Count("images_finished")
+
+  def setup(self):
+    if self.bucket.startswith("gs://"):
+      self.gcs = storage_client()
+
+  def process(self, study: Study) -> Iterable[PlannedStudy]:
+    uri = join_uri(self.bucket, study.object_key)
+    try:
+      manifest = None if self.overwrite else read_manifest(uri, self.gcs)
+    except Exception as e:  # pylint: disable=broad-except
+      for image in study.images:
+        yield beam.pvalue.TaggedOutput(EXCLUDED_TAG, Excluded(
+            image.source.path, study.entity_id, FAILED,
+            f"study object {study.object_key} could not be checked: "
+            f"{type(e).__name__}: {e}"))
+      return
+    finally:
+      self.finished.inc(len(study.images))
+    self.planned.inc()
+    yield PlannedStudy(study, uri, decide(study, manifest,
+                                          list(study.current))[0])
+
+
+class PlanStudyArchive(beam.PTransform):
+  """Study -> PlannedStudy (main) and Excluded for studies whose stored
+  object could not be checked ('excluded'); writes nothing."""
+
+  def __init__(self, bucket: str, overwrite: bool = False):
+    super().__init__()
+    self.bucket = bucket
+    self.overwrite = overwrite
+
+  def expand(self, studies):
+    return studies | "PlanArchive" >> beam.ParDo(_PlanStudyArchive(
+        self.bucket, self.overwrite)).with_outputs(EXCLUDED_TAG,
+                                                   main="planned")

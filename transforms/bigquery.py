@@ -139,6 +139,19 @@ def ensure_dataset_and_view(table: str) -> None:
   client.create_table(view, exists_ok=True)
 
 
+def table_exists(table: str) -> bool:
+  """Whether the table exists (raising IncompatibleTable if it does not fit
+  the rows), creating nothing: what a plan may do."""
+  from google.api_core.exceptions import NotFound
+  project, dataset, name = split_table(table)
+  try:
+    existing = bigquery_client(project).get_table(f"{project}.{dataset}.{name}")
+  except NotFound:
+    return False
+  check_table_schema(table, [f.to_api_repr() for f in existing.schema])
+  return True
+
+
 def query_rows(table: str, sql: str, params: Dict[str, Any]) -> Iterable[dict]:
   from google.cloud import bigquery
   project = split_table(table)[0]

@@ -134,7 +134,8 @@ def image_record(source: SourceFile, exported: HeaderExport,
       study_date=columns.get("StudyDate"),
       transfer_syntax_uid=transfer_syntax_uid,
       item_value=_text(first_value(header, item_keyword)),
-      burned_in_annotation=_text(first_value(header, "BurnedInAnnotation")))
+      burned_in_annotation=_text(first_value(header, "BurnedInAnnotation")),
+      modality=columns.get("Modality"))
 
 
 def read_image_record(source: SourceFile, fileobj,

@@ -89,6 +89,7 @@ class ImageRecord:
   transfer_syntax_uid: Optional[str] = None
   item_value: Optional[str] = None           # value of the --item_id keyword
   burned_in_annotation: Optional[str] = None  # as written, even if invalid
+  modality: Optional[str] = None              # for the report's counts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,3 +160,17 @@ class StoredStudy:
   # The object was already stored, by a run that ended before its rows:
   # only its rows are written now.
   rows_completed: bool = False
+
+
+# What a study needs, decided from its stored object and its current rows.
+WRITE = "write"                   # new or changed: write object and rows
+COMPLETE_ROWS = "complete rows"   # object stored, rows missing: write rows
+SKIP = "skip"                     # stored with current rows: nothing
+
+
+@dataclasses.dataclass(frozen=True)
+class PlannedStudy:
+  """What a --plan run decided for a study; nothing is written."""
+  study: Study
+  uri: str          # where its object is, or would be
+  action: str       # WRITE, COMPLETE_ROWS or SKIP

@@ -8,44 +8,27 @@ are stored (stored_listing): the report itself, and the memory that
 builds it, grow with the run's studies and bad files, not its images.
 """
 
+import collections
 import json
 import posixpath
-from typing import Any, Dict, Iterable, List
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
 from transforms.keys import ARCHIVE_SUFFIX, join_uri
-from transforms.records import (FAILED, FLAGGED, REJECTED, Excluded,
+from transforms.records import (COMPLETE_ROWS, FAILED, FLAGGED, REJECTED,
+                                SKIP, WRITE, Excluded, PlannedStudy,
                                 StoredStudy)
 from transforms.sinks import json_line, write_text_file
 
 STORED_PREFIX = "stored-"
 
 
-def study_summary(stored: StoredStudy) -> Dict[str, Any]:
-  """What the report keeps of a stored study: small, no headers, nothing per
-  image. The 'objects' list holds objects written in this run,
-  'objects_rows_completed' objects already in place whose rows this run
-  wrote; skipped ones (already stored, with current rows) count among
-  'studies' and their files among the stored."""
-  return {
-      "uri": stored.location.uri,
-      "entity_id": stored.study.entity_id,
-      "study_instance_uid": stored.study.study_instance_uid,
-      "instances": len(stored.members),
-      "size_bytes": stored.location.size_bytes,
-      "md5_hash": stored.location.md5_hash,
-      "rows_completed": stored.rows_completed,
-  }
-
-
-def stored_files(stored: StoredStudy) -> Iterable[Dict[str, str]]:
-  """One line of the stored listing per image of a stored (or skipped)
-  study: its input path, its study object and its member there."""
-  for image, member in zip(stored.study.images, stored.members):
-    yield {"path": image.source.path, "object": stored.location.uri,
-           "member": member.member}
+# A study's outcome in the report: in a run, and in a plan (--plan).
+WRITTEN, ROWS_COMPLETED, SKIPPED = "written", "rows completed", "skipped"
+PLANNED = {WRITE: "to write", COMPLETE_ROWS: "to complete rows",
+           SKIP: "to skip"}
 
 
 def stored_listing(report_path: str, run_id: str) -> str:
@@ -53,15 +36,41 @@ def stored_listing(report_path: str, run_id: str) -> str:
   return join_uri(posixpath.dirname(report_path), STORED_PREFIX + run_id)
 
 
-def write_stored_files(stored: StoredStudy, listing: str) -> str:
-  """The study's lines of the stored listing, one file per study object,
-  named after it: written whole, so a retried bundle rewrites the same file
-  (no temporary files to rename, which Cloud Storage does by copying)."""
-  name = posixpath.basename(stored.location.uri).removesuffix(ARCHIVE_SUFFIX)
-  path = join_uri(listing, name + ".json")
-  write_text_file(path, "".join(json_line(line) + "\n"
-                                for line in stored_files(stored)))
-  return path
+def list_study(done: Union[StoredStudy, PlannedStudy], listing: str,
+               outcome: Optional[str] = None) -> Tuple[str, Dict[str, Any]]:
+  """Writes the study's lines of the stored listing (each image's input
+  path, its study object and its member there; for a plan, where they
+  would be) in one file per study object, named after it, written whole,
+  so a retried bundle rewrites the same file (no temporary files to
+  rename, which Cloud Storage does by copying). Returns the report's fact
+  of the study: small, nothing per image, its images counted by modality
+  in the same pass over them. outcome: by default, what happened to it
+  (or what a plan decided)."""
+  study = done.study
+  if outcome is None:
+    outcome = (PLANNED[done.action] if isinstance(done, PlannedStudy)
+               else ROWS_COMPLETED if done.rows_completed else WRITTEN)
+  if isinstance(done, PlannedStudy):
+    uri, members = done.uri, (study.member_name(i) for i in study.images)
+    size, md5 = None, None
+  else:
+    uri, members = done.location.uri, (m.member for m in done.members)
+    size, md5 = done.location.size_bytes, done.location.md5_hash
+  lines, modalities, input_bytes = [], collections.Counter(), 0
+  for image, member in zip(study.images, members):
+    lines.append(json_line({"path": image.source.path, "object": uri,
+                            "member": member}) + "\n")
+    modalities[image.modality or "unknown"] += 1
+    input_bytes += image.source.size_bytes
+  name = posixpath.basename(uri).removesuffix(ARCHIVE_SUFFIX)
+  write_text_file(join_uri(listing, name + ".json"), "".join(lines))
+  return "studies", {
+      "uri": uri, "entity_id": study.entity_id,
+      "study_instance_uid": study.study_instance_uid,
+      "instances": len(lines), "input_bytes": input_bytes,
+      "size_bytes": size, "md5_hash": md5, "outcome": outcome,
+      "modalities": dict(sorted(modalities.items())),
+  }
 
 
 def read_stored_listing(report: Dict[str, Any]) -> List[Dict[str, str]]:
@@ -76,51 +85,78 @@ def read_stored_listing(report: Dict[str, Any]) -> List[Dict[str, str]]:
 
 def build_report(run_id: str, version: str, collection: str,
                  discovered: int, entities: int, excluded: List[Excluded],
-                 studies: List[Dict[str, Any]], skipped: List[Dict[str, Any]],
-                 rows_written: int, dead_letters: int, listing: str
+                 studies: List[Dict[str, Any]], rows_written: int,
+                 dead_letters: int, listing: str, plan: bool = False
                  ) -> Dict[str, Any]:
+  """The report: every study with its outcome ('studies'), every file not
+  stored with its reason, and the totals. A plan's report has the same
+  form, its outcomes what a run would do."""
   by_status = {s: sorted(({"path": e.path, "entity_id": e.entity_id,
                            "reason": e.reason} for e in excluded
                           if e.status == s), key=lambda d: d["path"])
                for s in (FLAGGED, REJECTED, FAILED)}
-  objects = sorted((s for s in studies if not s["rows_completed"]),
-                   key=lambda s: s["uri"])
-  completed = sorted((s for s in studies if s["rows_completed"]),
-                     key=lambda s: s["uri"])
+  studies = sorted(studies, key=lambda s: s["uri"])
+  by_outcome = collections.defaultdict(list)
+  for study in studies:
+    by_outcome[study["outcome"]].append(study)
   summary = {
       "entities": entities,
       "images_seen": discovered,
-      "kept": sum(s["instances"] for s in studies + skipped),
+      "kept": sum(s["instances"] for s in studies),
       "flagged": len(by_status[FLAGGED]),
       "rejected": len(by_status[REJECTED]),
       "failed": len(by_status[FAILED]),
-      "studies": len(studies) + len(skipped),
-      "studies_skipped": len(skipped),
-      "objects": len(objects),
-      "object_bytes": sum(o["size_bytes"] for o in objects),
-      "objects_rows_completed": len(completed),
-      "rows": rows_written,
-      "dead_letter_rows": dead_letters,
+      "studies": len(studies),
+      "input_bytes_kept": sum(s["input_bytes"] for s in studies),
   }
+  if plan:
+    summary.update({
+        "studies_to_write": len(by_outcome[PLANNED[WRITE]]),
+        "studies_to_complete_rows": len(by_outcome[PLANNED[COMPLETE_ROWS]]),
+        "studies_to_skip": len(by_outcome[PLANNED[SKIP]]),
+        "input_bytes_to_write": sum(s["input_bytes"]
+                                    for s in by_outcome[PLANNED[WRITE]]),
+    })
+  else:
+    summary.update({
+        "studies_skipped": len(by_outcome[SKIPPED]),
+        "objects": len(by_outcome[WRITTEN]),
+        "object_bytes": sum(s["size_bytes"] for s in by_outcome[WRITTEN]),
+        "objects_rows_completed": len(by_outcome[ROWS_COMPLETED]),
+        "rows": rows_written,
+        "dead_letter_rows": dead_letters,
+    })
   return {"run_id": run_id, "pipeline_version": version,
-          "collection": collection, "summary": summary, "objects": objects,
-          "objects_rows_completed": completed,
+          "collection": collection, "plan": plan, "summary": summary,
+          "studies": studies, "objects": by_outcome[WRITTEN],
+          "objects_rows_completed": by_outcome[ROWS_COMPLETED],
           "stored_files": join_uri(listing, "*.json"), **by_status}
 
 
 def format_summary(report: Dict[str, Any]) -> str:
   s = report["summary"]
+  if report.get("plan"):
+    studies = (
+        f"  studies {s['studies']}: {s['studies_to_write']} to write "
+        f"({s['input_bytes_to_write']:,} bytes of images), "
+        f"{s['studies_to_complete_rows']} to complete rows (object in "
+        f"place), {s['studies_to_skip']} to skip (already stored); nothing "
+        "was written")
+  else:
+    studies = (
+        f"  studies {s['studies']}: {s['objects']} objects written "
+        f"({s['object_bytes']:,} bytes), {s['objects_rows_completed']} "
+        f"already in place (rows completed), {s['studies_skipped']} skipped "
+        f"(already stored); rows {s['rows']}"
+        + (f", dead-letter rows {s['dead_letter_rows']}"
+           if s["dead_letter_rows"] else ""))
   lines = [
-      f"Run {report['run_id']} (collection {report['collection']}):",
+      f"{'Plan' if report.get('plan') else 'Run'} {report['run_id']} "
+      f"(collection {report['collection']}):",
       f"  entities {s['entities']}, images seen {s['images_seen']}: "
       f"kept {s['kept']}, flagged {s['flagged']}, rejected {s['rejected']}, "
       f"failed {s['failed']}",
-      f"  studies {s['studies']}: {s['objects']} objects written "
-      f"({s['object_bytes']:,} bytes), {s['objects_rows_completed']} already "
-      f"in place (rows completed), {s['studies_skipped']} skipped (already "
-      f"stored); rows {s['rows']}"
-      + (f", dead-letter rows {s['dead_letter_rows']}"
-         if s["dead_letter_rows"] else ""),
+      studies,
   ]
   for status in (FLAGGED, REJECTED, FAILED):
     for item in report[status][:5]:
@@ -145,9 +181,9 @@ class _CollectOutcome(beam.CombineFn):
   """All the report needs, from ("kind", value) facts, in one combine (one
   shuffle, instead of a count or list per kind): counts of seen files, rows
   sent, refused and dead-letter rows; entity ids; excluded files; summaries
-  of stored and skipped studies."""
+  of studies with their outcomes."""
   COUNTED = ("seen", "rows_sent", "refused", "dead_letters")
-  LISTED = ("excluded", "studies", "skipped")
+  LISTED = ("excluded", "studies")
 
   def create_accumulator(self):
     acc = {k: 0 for k in self.COUNTED}
@@ -179,13 +215,14 @@ class _CollectOutcome(beam.CombineFn):
     return acc
 
 
-def _write_report(keyed_outcome, path, run_id, version, collection, listing):
+def _write_report(keyed_outcome, path, run_id, version, collection, listing,
+                  plan):
   outcome = keyed_outcome[1]
   report = build_report(run_id, version, collection, outcome["seen"],
                         len(outcome["entities"]), outcome["excluded"],
-                        outcome["studies"], outcome["skipped"],
+                        outcome["studies"],
                         outcome["rows_sent"] - outcome["refused"],
-                        outcome["dead_letters"], listing)
+                        outcome["dead_letters"], listing, plan)
   write_report(path, report)
   yield path
 
@@ -196,18 +233,33 @@ def _facts(pcoll, label: str, kind: str, value=lambda v: None):
 
 class WriteRunReport(beam.PTransform):
   """Collects the run's outcome into one JSON report at `path`, and lists
-  the stored files beside it (stored_listing)."""
+  the stored files beside it (stored_listing).
 
-  def __init__(self, path: str, run_id: str, version: str, collection: str):
+  parts: "seen", PCollections with one element per listed file between
+  them (counted as they are, not flattened first); "files", those in
+  entities; "excluded"; the studies by outcome: "stored" and "skipped"
+  (StoredStudy), or in a plan "planned" (PlannedStudy); "rows", "refused"
+  and "dead_letter", the rows' fates (none in a plan).
+  """
+
+  def __init__(self, path: str, run_id: str, version: str, collection: str,
+               plan: bool = False):
     super().__init__()
     self.path = path
     self.run_id = run_id
     self.version = version
     self.collection = collection
+    self.plan = plan
 
   def expand(self, parts):
-    # "seen": PCollections with one element per listed file between them
-    # (counted as they are, not flattened first); "files": those in entities.
+    listing = stored_listing(self.path, self.run_id)
+    # Each study listed where it is, not behind a Flatten: the local runner
+    # materializes a multi-input Flatten, which would pass every study's
+    # members through the driver. Only the small facts are flattened.
+    studies = [
+        parts[part] | f"List{part.title()}" >> beam.Map(
+            list_study, listing, outcome)
+        for part, outcome in self._outcomes(parts)]
     facts = [
         # One fact always, so that a run with no input still has a report.
         parts["files"].pipeline | "Start" >> beam.Create([("start", None)]),
@@ -215,22 +267,22 @@ class WriteRunReport(beam.PTransform):
           for i, listed in enumerate(parts["seen"])],
         _facts(parts["files"], "Entities", "entity", lambda f: f.entity_id),
         _facts(parts["excluded"], "Excluded", "excluded", lambda e: e),
-        _facts(parts["stored"], "Studies", "studies", study_summary),
-        _facts(parts["skipped"], "Skipped", "skipped", study_summary),
-        _facts(parts["rows"], "RowsSent", "rows_sent"),
-        _facts(parts["refused"], "Refused", "refused"),
-        _facts(parts["dead_letter"], "DeadLetters", "dead_letters"),
+        *studies,
+        *[_facts(parts[part], label, kind) for part, label, kind in (
+            ("rows", "RowsSent", "rows_sent"), ("refused", "Refused", "refused"),
+            ("dead_letter", "DeadLetters", "dead_letters")) if part in parts],
     ]
-    # Each where its studies are, not behind a Flatten: the local runner
-    # materializes a multi-input Flatten, which would pass every study's
-    # members through the driver.
-    listing = stored_listing(self.path, self.run_id)
-    for part in ("stored", "skipped"):
-      _ = parts[part] | f"List{part.title()}Files" >> beam.Map(
-          write_stored_files, listing)
     return (facts
             | "AllFacts" >> beam.Flatten()
             | "OneKey" >> beam.Map(lambda fact: (None, fact))
             | "Collect" >> beam.CombinePerKey(_CollectOutcome())
             | "Write" >> beam.FlatMap(_write_report, self.path, self.run_id,
-                                      self.version, self.collection, listing))
+                                      self.version, self.collection, listing,
+                                      self.plan))
+
+  @staticmethod
+  def _outcomes(parts):
+    """(part, outcome) of each part holding studies."""
+    if "planned" in parts:
+      return [("planned", None)]
+    return [("stored", None), ("skipped", SKIPPED)]

@@ -64,19 +64,20 @@ def encode_record(image: ImageRecord) -> bytes:
       s.path, s.entity_id, s.relpath, s.size_bytes, image.study_instance_uid,
       image.series_instance_uid, image.sop_instance_uid, h.offset, h.length,
       image.study_date, image.transfer_syntax_uid, image.item_value,
-      image.burned_in_annotation), protocol=pickle.HIGHEST_PROTOCOL)
+      image.burned_in_annotation, image.modality),
+                      protocol=pickle.HIGHEST_PROTOCOL)
 
 
 def decode_record(data: bytes, header_path: str) -> ImageRecord:
   (path, entity_id, relpath, size, study, series, sop, header_offset,
-   header_length, date, syntax, item, burned) = pickle.loads(data)
+   header_length, date, syntax, item, burned, modality) = pickle.loads(data)
   return ImageRecord(
       source=SourceFile(path, entity_id, relpath, size),
       study_instance_uid=study, series_instance_uid=series,
       sop_instance_uid=sop,
       header=SpilledHeader(header_path, header_offset, header_length),
       study_date=date, transfer_syntax_uid=syntax, item_value=item,
-      burned_in_annotation=burned)
+      burned_in_annotation=burned, modality=modality)
 
 
 def read_plan(spans: Sequence[SpilledHeader]
