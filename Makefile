@@ -37,6 +37,7 @@ bench-memory: $(STAMP)
 	$(PY) bench/run_bench.py --memory
 
 test: $(STAMP)
+	devtools/test_tools.sh
 	$(PY) -m pytest -q tests
 
 clean:

@@ -31,6 +31,7 @@ from pipeline.local_workers import (WarmWorkers, default_worker_count,
 from pipeline.options import (OptionsError, RunConfig, StorageOptions,
                               check_arguments, help_text, resolve,
                               verbose_requested)
+from transforms import report_html
 from transforms.access import AccessError, check_cloud_access, explain_forbidden
 from transforms.archive import PlanStudyArchive, WriteStudyArchive
 from transforms.bigquery import (IncompatibleTable, WriteRowsBigQuery,
@@ -48,7 +49,8 @@ from transforms.progress import PROGRESS_DIR_ENV, read_progress
 from transforms.report import (WriteRunReport, format_summary, read_report,
                                write_report)
 from transforms.rows import BuildRows
-from transforms.sinks import CheckRows, WriteDeadLetters, WriteRowsLocal
+from transforms.sinks import (CheckRows, WriteDeadLetters, WriteRowsLocal,
+                              write_text_file)
 from transforms.studies import GroupStudies
 
 EXCLUDED = "excluded"
@@ -285,7 +287,9 @@ def run(argv: Optional[List[str]] = None,
   report["metadata_output"] = config.metadata_output
   report["bucket"] = config.bucket
   report["bigquery_table"] = config.bigquery_table
+  report["report_page"] = report_html.html_path(config.report)
   write_report(config.report, report)
+  write_text_file(report["report_page"], report_html.render(report))
   return report
 
 
@@ -353,8 +357,9 @@ def main(argv: Optional[List[str]] = None) -> int:
 def where_lines(report: dict) -> List[str]:
   """Where a person finds what the run wrote."""
   if report["plan"]:
-    return [f"  plan {report['report_path']}; files that would be stored "
-            f"listed in {report['stored_files']}; log {report['log']}"]
+    return [f"  plan {report['report_page']} (and {report['report_path']}); "
+            f"files that would be stored listed in {report['stored_files']}; "
+            f"log {report['log']}"]
   lines = [f"  objects under {report['bucket']}/Collection/"
            f"{report['collection']}/"]
   if report["metadata_output"]:
@@ -363,6 +368,7 @@ def where_lines(report: dict) -> List[str]:
   if report.get("bigquery_table"):
     lines.append(f"  rows in BigQuery {report['bigquery_table']} "
                  f"(current rows: view {report['bigquery_table']}_current)")
-  lines.append(f"  report {report['report_path']}, stored files listed in "
+  lines.append(f"  report {report['report_page']} (and "
+               f"{report['report_path']}), stored files listed in "
                f"{report['stored_files']}, log {report['log']}")
   return lines

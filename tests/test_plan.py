@@ -58,7 +58,7 @@ def test_a_plan_writes_nothing_and_the_run_follows_it(sample_copy, tmp_path):
                                                     "plan.json")
   assert not (out / "bucket").exists()
   # Only the plan, its listing of what would be stored, and its log.
-  assert all(f == "plan.json" or f.startswith(("stored-", "run-"))
+  assert all(f in ("plan.json", "plan.html") or f.startswith(("stored-", "run-"))
              for f in _files(out / "metadata"))
   assert plan["summary"]["studies_to_write"] == 6
   assert sum(s["instances"] for s in plan["studies"]) == len(made["kept"])
