@@ -152,3 +152,23 @@ def test_verbose_shows_every_line(sample, tmp_path, flag):
       capture_output=True, text=True, cwd=REPO)
   assert done.returncode == 0, done.stderr
   assert "INFO apache_beam" in done.stderr
+
+
+def test_counts_reach_the_driver_from_every_process(tmp_path, monkeypatch):
+  """Each process writes its counts to its own file in the run's progress
+  folder; the driver sums them. A forked worker starts from zero."""
+  import os
+  from transforms import progress
+  monkeypatch.setenv(progress.PROGRESS_DIR_ENV, str(tmp_path))
+  count = progress.Count("headers_read")
+  count.inc(3)
+  child = os.fork()
+  if child == 0:   # a worker forked from a process that already counted
+    progress.Count("headers_read").inc(2)
+    progress._TALLY.flush()   # pylint: disable=protected-access
+    os._exit(0)   # pylint: disable=protected-access
+  os.waitpid(child, 0)
+  progress._TALLY.flush()   # pylint: disable=protected-access
+  assert progress.read_progress(str(tmp_path)) == {"headers_read": 5}
+  with pytest.raises(ValueError):
+    progress.Count("no_such_counter")
