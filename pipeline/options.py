@@ -14,7 +14,7 @@ from apache_beam.options.pipeline_options import (PipelineOptions,
                                                   _BeamArgumentParser)
 
 from transforms import dicom, discover, phi, studies
-from transforms.archive import DEFAULT_COMPRESSION_LEVEL
+from transforms.archive_format import DEFAULT_COMPRESSION_LEVEL
 from transforms.keys import (UnsafeKeyComponent, check_collection,
                              check_key_component, join_uri)
 

@@ -9,8 +9,8 @@ import tarfile
 import pytest
 
 from invariants import read_member_at
-from transforms.archive import (MANIFEST_NAME, StudyArchiveWriter,
-                                write_study_archive)
+from transforms.archive import write_study_archive
+from transforms.archive_format import MANIFEST_NAME, StudyArchiveWriter
 from transforms.records import (HeaderPart, ImageRecord, SourceFile, Study,
                                 pack_text)
 
@@ -115,7 +115,7 @@ def test_sink_reports_md5_and_crc32c_like_cloud_storage(tmp_path):
 
 
 def test_the_manifest_is_found_from_the_last_bytes(tmp_path):
-  from transforms.archive import INDEX_TAIL_BYTES, find_manifest
+  from transforms.archive_format import INDEX_TAIL_BYTES, find_manifest
   data, _, _ = _write(_study(tmp_path, CONTENTS))
   offset, length = find_manifest(data[-INDEX_TAIL_BYTES:])
   info, raw = read_member_at(data, offset, length)

@@ -122,7 +122,7 @@ def _table(headers: Sequence[str], rows: Iterable[Sequence[Tuple[str, Any]]],
   for cells in rows:
     tds = []
     for i, (text, value) in enumerate(cells):
-      attrs = f' class="n"' if i in numeric else ""
+      attrs = ' class="n"' if i in numeric else ""
       if value is not None:
         attrs += f' data-v="{_e(str(value))}"'
       tds.append(f"<td{attrs}>{text}</td>")

@@ -5,19 +5,15 @@ storage.member_offset and storage.member_length delimit that member. Reading
 exactly those bytes and decompressing them gives the image's tar entry.
 """
 
-import hashlib
-import io
 import json
-import tarfile
-import zlib
 from typing import Any, Dict, Iterable, Optional, Tuple
 
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
-
-class RetrievalError(RuntimeError):
-  """The image could not be found, read, or verified."""
+from transforms.archive_format import (INDEX_TAIL_BYTES, RetrievalError,
+                                       find_manifest, unpack_member,
+                                       verified_image)
 
 
 def read_range(uri: str, offset: int, length: int, gcs_client=None) -> bytes:
@@ -41,33 +37,43 @@ def read_range(uri: str, offset: int, length: int, gcs_client=None) -> bytes:
   return data
 
 
-def unpack_member(data: bytes) -> Tuple[str, bytes]:
-  """The (name, content) of the one tar entry in one gzip member."""
-  d = zlib.decompressobj(31)
-  try:
-    raw = d.decompress(data) + d.flush()
-  except zlib.error as e:
-    raise RetrievalError(f"not a gzip member: {e}") from e
-  if not d.eof or d.unused_data:
-    raise RetrievalError("range does not hold exactly one gzip member")
-  with tarfile.open(fileobj=io.BytesIO(raw + b"\0" * 1024), mode="r:") as t:
-    info = t.next()
-    if info is None or not info.isfile():
-      raise RetrievalError("gzip member holds no file entry")
-    return info.name, t.extractfile(info).read()
-
-
 def fetch_member(uri: str, offset: int, length: int,
-                 sha256: Optional[str] = None, gcs_client=None
-                 ) -> Tuple[str, bytes]:
-  """Reads, unpacks and (when sha256 is given) verifies one image."""
-  name, content = unpack_member(read_range(uri, offset, length, gcs_client))
-  if sha256 and hashlib.sha256(content).hexdigest() != sha256.lower():
-    raise RetrievalError(
-        f"{uri} member {name}: SHA-256 mismatch (expected {sha256}, got "
-        f"{hashlib.sha256(content).hexdigest()}); the object is not what the "
-        "row describes")
-  return name, content
+                 sha256: Optional[str] = None, gcs_client=None,
+                 size: Optional[int] = None) -> Tuple[str, bytes]:
+  """Reads, unpacks and verifies (against sha256 and size, when given) one
+  image."""
+  return verified_image(read_range(uri, offset, length, gcs_client), sha256,
+                        size, uri)
+
+
+def object_size(uri: str, gcs_client=None) -> Optional[int]:
+  """Size of a stored object, or None when there is none."""
+  if uri.startswith("gs://"):
+    from transforms.gcs import split_gs_uri, storage_client
+    bucket, name = split_gs_uri(uri)
+    blob = (gcs_client or storage_client()).bucket(bucket).get_blob(name)
+    return None if blob is None else blob.size
+  found = FileSystems.match([uri])[0].metadata_list
+  return found[0].size_in_bytes if found else None
+
+
+def read_manifest(uri: str, gcs_client=None) -> Optional[dict]:
+  """The manifest of a stored object from two small ranged reads (the tail,
+  then the manifest member); None when there is no object. Raises
+  RetrievalError when there is one without a readable manifest."""
+  size = object_size(uri, gcs_client)
+  if size is None:
+    return None
+  if not size:
+    raise RetrievalError("empty object")
+  tail_at = max(0, size - INDEX_TAIL_BYTES)
+  tail = read_range(uri, tail_at, size - tail_at, gcs_client)
+  try:
+    offset, length = find_manifest(tail)
+    _, data = unpack_member(read_range(uri, offset, length, gcs_client))
+    return json.loads(data)
+  except ValueError as e:
+    raise RetrievalError(str(e)) from e
 
 
 def find_row_in_files(lines: Iterable[str], sop_instance_uid: str
