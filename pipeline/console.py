@@ -222,11 +222,11 @@ def live_progress(console: Optional[Console],
     console.end_status()
 
 
-def _mb(n: int) -> str:
+def megabytes(n: int) -> str:
   return f"{n / 1e6:,.0f} MB" if n >= 10e6 else f"{n / 1e6:,.1f} MB"
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
   seconds = int(seconds)
   return (f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
           if seconds >= 3600 else f"{seconds // 60}:{seconds % 60:02d}")
@@ -255,14 +255,14 @@ class StorageProgress:
     finished = sum(c.get(k, 0) for k in (
         "objects_written", "studies_rows_completed", "studies_skipped",
         "studies_failed", "studies_planned"))
-    head = _duration(elapsed)
+    head = duration(elapsed)
     if done_listing and listed:
       fraction = self._fraction(c, listed)
       if 0.02 < fraction < 1:
-        head += f" ETA {_duration(elapsed * (1 - fraction) / fraction)}"
+        head += f" ETA {duration(elapsed * (1 - fraction) / fraction)}"
     parts = [head,
              f"{listed:,}{'' if done_listing else '+'} files, "
-             f"{_mb(c.get('bytes_listed', 0))}",
+             f"{megabytes(c.get('bytes_listed', 0))}",
              f"{c.get('headers_read', 0):,} headers",
              f"{c.get('images_kept', 0):,} kept, "
              f"{c.get('files_flagged', 0):,} flagged, "
@@ -271,7 +271,7 @@ class StorageProgress:
              f"{'decided' if self.plan else 'stored'}"]
     if not self.plan:
       archived = c.get("source_bytes_archived", 0)
-      parts.append(f"{_mb(archived)} archived, "
+      parts.append(f"{megabytes(archived)} archived, "
                    f"{self._rate(elapsed, archived)}")
     return " | ".join(parts)
 

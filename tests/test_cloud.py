@@ -225,6 +225,99 @@ def test_fetch_one_image_transfers_only_its_member(cloud_run, emulators, tmp_pat
   assert downloads[0].response_bytes == coords["member_length"]
 
 
+def _export(tmp_path, name, *args, env=None):
+  out = tmp_path / name
+  done = subprocess.run(
+      [sys.executable, "-m", "pipeline.export", f"--bigquery_table={TABLE}",
+       f"--out={out}", *args], cwd=REPO, capture_output=True, text=True,
+      env=env or os.environ)
+  return done, out
+
+
+def _exported(out):
+  return {p.name[:-len(".dcm")]: p.read_bytes() for p in out.rglob("*.dcm")}
+
+
+def _originals(made, sops):
+  return {k.sop_uid: k.path.read_bytes() for k in made["kept"]
+          if k.sop_uid in sops}
+
+
+def test_export_from_bigquery_reads_each_run_of_members_once(
+    cloud_run, emulators, tmp_path):
+  """Through the counting proxy: a cohort (every MR image) comes in one
+  GET per run of adjacent selected members, however many images, through
+  transient 503s; the files are the originals."""
+  from devtools.proxy import Faults, proxy_to
+  from transforms.retrieve import Member, member_runs
+  _, made = cloud_run
+  rows = query(f"SELECT sop_instance_uid, storage.uri AS uri, "
+               f"storage.member_offset AS o, storage.member_length AS n "
+               f"FROM `{PROJECT}.IRB41449.dicom_current` WHERE Modality = 'MR'")
+  adjacent = sum(len(member_runs([Member(r["o"], r["n"]) for r in rows
+                                  if r["uri"] == uri], gap=0))
+                 for uri in {r["uri"] for r in rows})
+  with proxy_to(emulators["gcs"]) as proxy:
+    done, out = _export(tmp_path, "mr", "--where=Modality = 'MR'", env={
+        **os.environ, "STORAGE_EMULATOR_HOST": proxy.url})
+  assert done.returncode == 0, done.stderr
+  sops = {r["sop_instance_uid"] for r in rows}
+  assert _exported(out) == _originals(made, sops) and len(sops) == 24
+  gets = [e for e in proxy.exchanges if "alt=media" in e.path]
+  assert len(gets) <= adjacent < len(sops)
+  # Transient 503s on reads are retried; nothing is lost.
+  with proxy_to(emulators["gcs"], Faults(unavailable=0.3, seed=5,
+                                         only_methods=("GET",))) as flaky:
+    done, out = _export(tmp_path, "flaky", "--where=Modality = 'MR'", env={
+        **os.environ, "STORAGE_EMULATOR_HOST": flaky.url})
+  assert done.returncode == 0, done.stderr
+  assert any(e.fault == "503" for e in flaky.exchanges)
+  assert _exported(out) == _originals(made, sops)
+
+
+def test_export_from_bigquery_by_a_nested_condition_and_by_a_query(
+    cloud_run, tmp_path):
+  _, made = cloud_run
+  done, out = _export(
+      tmp_path, "nested", "--where=EXISTS (SELECT 1 FROM UNNEST("
+      "JSON_QUERY_ARRAY(metadata, '$.RequestedProcedureCodeSequence')) AS p "
+      "WHERE JSON_VALUE(p, '$.CodeValue') = @code)", "--param=code=36643-5")
+  assert done.returncode == 0, done.stderr
+  study2 = set(_kept(made, lambda k: _where(k)[1] == "study2"))
+  assert _exported(out) == _originals(made, study2)
+  done, out = _export(
+      tmp_path, "bysql",
+      f"--sql=@{QUERIES / 'images_with_procedure_modifier.sql'}",
+      "--param=meaning=right", "--layout=member")
+  assert done.returncode == 0, done.stderr
+  right = set(_kept(made, lambda k: _where(k) in (("SUBJ001", "study2"),
+                                                  ("SUBJ003", "study2"))))
+  assert len(list(out.rglob("*.dcm"))) == len(right) == 12
+
+
+def test_export_names_an_object_gone_from_the_bucket(cloud_run, tmp_path):
+  """An object deleted after its rows were written: its images are named
+  with the reason, the rest are exported, exit 1. (Deleted from a copy of
+  the bucket's state: put back after, for the other tests.)"""
+  _, made = cloud_run
+  one = made["kept"][0]
+  uri = query(shipped_query("image_coordinates.sql"),
+              sop_instance_uid=one.sop_uid)[0]["uri"]
+  blob = storage_client().bucket("radiology").blob(
+      uri[len("gs://radiology/"):])
+  data = blob.download_as_bytes()
+  blob.delete()
+  try:
+    done, out = _export(tmp_path, "gone", "--where=entity_id = 'SUBJ001'")
+  finally:
+    blob.upload_from_string(data)
+  assert done.returncode == 1
+  assert "is gone" in done.stderr and "could not be had" in done.stderr
+  failed = (out / "failed.csv").read_text().splitlines()[1:]
+  assert len(failed) == 6 and all(f",{uri}," in line for line in failed)
+  assert len(_exported(out)) == 6   # SUBJ001's other study
+
+
 def test_rows_that_do_not_fit_go_to_the_dead_letter_output(emulators):
   ensure_dataset_and_view(f"{PROJECT}:DEADLETTER.dicom")
   good = json.loads((REPO / "tests" / "data" / "row.json").read_text())

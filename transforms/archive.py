@@ -12,7 +12,6 @@ import concurrent.futures
 import datetime
 import logging
 import os
-import signal
 from typing import BinaryIO, Callable, Iterable, List, Optional, Tuple
 
 import apache_beam as beam
@@ -20,6 +19,7 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
+from transforms.crash import crash_point
 from transforms.dicom import open_source
 from transforms.gcs import blob_for, storage_client, stored_object_location
 from transforms.keys import join_uri
@@ -159,18 +159,6 @@ def decide(study: Study, manifest: Optional[dict], current: List[tuple]
       return SKIP, members
     return COMPLETE_ROWS, members
   return WRITE, None
-
-
-def crash_point(name: str) -> None:
-  """Test hook: DICOM_STORAGE_CRASH_AT=<name>:<n> kills this process with
-  SIGKILL the n-th time it passes <name>, to prove re-runs recover from a
-  run killed at that point. Inert unless the variable is set."""
-  spec = os.environ.get("DICOM_STORAGE_CRASH_AT", "")
-  if not spec.startswith(name + ":"):
-    return
-  crash_point.hits = getattr(crash_point, "hits", 0) + 1
-  if crash_point.hits >= int(spec.split(":", 1)[1]):
-    os.kill(os.getpid(), signal.SIGKILL)
 
 
 class _WriteStudyArchive(beam.DoFn):

@@ -153,10 +153,14 @@ def table_exists(table: str) -> bool:
 
 
 def query_rows(table: str, sql: str, params: Dict[str, Any]) -> Iterable[dict]:
+  """Rows of a query in the table's project, page by page. params: name ->
+  a STRING value, or (BigQuery type, value)."""
   from google.cloud import bigquery
   project = split_table(table)[0]
   config = bigquery.QueryJobConfig(query_parameters=[
-      bigquery.ScalarQueryParameter(k, "STRING", v) for k, v in params.items()])
+      bigquery.ScalarQueryParameter(
+          k, *(v if isinstance(v, tuple) else ("STRING", v)))
+      for k, v in params.items()])
   for row in bigquery_client(project).query(sql, job_config=config).result():
     yield dict(row.items())
 

@@ -7,20 +7,13 @@ rule for both). A query is read in BigQuery's dialect and written in
 DuckDB's by sqlglot; any table named dicom or dicom_current, with or
 without PROJECT.DATASET before it, is the local one, so the files in
 queries/ run unchanged. JSON_QUERY_ARRAY and JSON_VALUE_ARRAY give NULL for
-a value that is not an array, as BigQuery's do (DuckDB's cast would fail).
+a value that is not an array, as BigQuery's do (DuckDB's cast would fail),
+and JSON paths are parenthesized (DuckDB's arrows bind loosely).
 """
 
 import datetime
 import json
 from typing import Any, Dict, Iterator, List, Sequence, Tuple
-
-try:
-  import sqlglot
-  from sqlglot import exp
-  from sqlglot.dialects.duckdb import DuckDB
-except ImportError as e:   # an install without the 'local' extra
-  raise ImportError("queries over local rows need DuckDB and sqlglot: pip "
-                    "install 'dicom-storage-pipeline[local]'") from e
 
 from transforms.bigquery import current_view_sql
 from transforms.current import row_files
@@ -72,22 +65,48 @@ def read_sql(text: str) -> str:
 
 
 def _array_or_null(cast_to: str):
-  def generate(self, e: exp.Expression) -> str:
+  def generate(self, e) -> str:
     value = f"({self.sql(e, 'this')} -> {self.sql(e, 'expression')})"
     return (f"CASE WHEN json_type({value}) = 'ARRAY' "
             f"THEN CAST({value} AS {cast_to}) END")
   return generate
 
 
-class _LocalDuckDB(DuckDB):
-  class Generator(DuckDB.Generator):
-    TRANSFORMS = {**DuckDB.Generator.TRANSFORMS,
-                  exp.JSONExtractArray: _array_or_null("JSON[]"),
-                  exp.JSONValueArray: _array_or_null("VARCHAR[]")}
+_dialect = None
+
+
+def _sqlglot():
+  """sqlglot and the DuckDB dialect the local tables need, imported when
+  first used: only the local query path needs them (the 'local' extra)."""
+  global _dialect  # pylint: disable=global-statement
+  try:
+    import sqlglot
+    from sqlglot import exp
+    from sqlglot.dialects.duckdb import DuckDB
+  except ImportError as e:
+    raise QueryError("queries over local rows need DuckDB and sqlglot: pip "
+                     "install 'dicom-storage-pipeline[local]'") from e
+  if _dialect is None:
+    arrow = DuckDB.Generator.TRANSFORMS[exp.JSONExtract]
+
+    class LocalDuckDB(DuckDB):
+      class Generator(DuckDB.Generator):
+        # DuckDB's arrows bind more loosely than AND and =: without the
+        # parentheses, "a = 1 AND JSON_VALUE(m, p) = 'x'" reads wrong.
+        TRANSFORMS = {**DuckDB.Generator.TRANSFORMS,
+                      exp.JSONExtract: lambda self, e: f"({arrow(self, e)})",
+                      exp.JSONExtractArray: _array_or_null("JSON[]"),
+                      exp.JSONValueArray: _array_or_null("VARCHAR[]")}
+
+        def jsonextractscalar_sql(self, expression):
+          return f"({super().jsonextractscalar_sql(expression)})"
+    _dialect = LocalDuckDB
+  return sqlglot, exp, _dialect
 
 
 def to_duckdb(sql: str) -> str:
   """A BigQuery query as DuckDB runs it over the local tables."""
+  sqlglot, exp, dialect = _sqlglot()
   try:
     statements = sqlglot.parse(sql, read="bigquery")
   except sqlglot.errors.ParseError as e:
@@ -100,7 +119,29 @@ def to_duckdb(sql: str) -> str:
     if table.name in LOCAL_TABLES:
       table.replace(exp.Table(this=exp.to_identifier(table.name),
                               alias=table.args.get("alias")))
-  return tree.sql(dialect=_LocalDuckDB)
+  return tree.sql(dialect=dialect)
+
+
+def on_table(sql: str, table: str) -> str:
+  """A query with its dicom and dicom_current tables (however qualified)
+  made the BigQuery table PROJECT:DATASET.TABLE and its current view, so
+  that one query file runs locally and on any table."""
+  sqlglot, exp, _ = _sqlglot()
+  project, _, rest = table.partition(":")
+  dataset, _, name = rest.partition(".")
+  try:
+    tree = sqlglot.parse_one(sql, read="bigquery")
+  except sqlglot.errors.ParseError as e:
+    raise QueryError(f"the query cannot be read as BigQuery SQL: {e}") from e
+  for found in list(tree.find_all(exp.Table)):
+    if found.name in LOCAL_TABLES:
+      suffix = found.name[len("dicom"):]
+      found.replace(exp.Table(
+          this=exp.to_identifier(name + suffix, quoted=True),
+          db=exp.to_identifier(dataset, quoted=True),
+          catalog=exp.to_identifier(project, quoted=True),
+          alias=found.args.get("alias")))
+  return tree.sql(dialect="bigquery")
 
 
 def _duckdb_type(field: Dict[str, Any]) -> str:
@@ -124,7 +165,8 @@ class LocalRows:
   """A metadata folder's row files as the tables dicom and dicom_current."""
 
   def __init__(self, metadata_dir: str):
-    import duckdb   # only the local query path needs it
+    _sqlglot()   # says what to install when missing
+    import duckdb
     self.files = row_files(metadata_dir)
     self.con = duckdb.connect()
     self.con.execute("SET TimeZone = 'UTC'")
