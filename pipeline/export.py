@@ -16,7 +16,7 @@ import threading
 from typing import List, Optional
 
 from pipeline.console import Console, duration, live_progress, megabytes
-from pipeline.options import TABLE_PATTERN
+from pipeline.options import TABLE_PATTERN, OneLineParser
 from transforms.access import AccessError, check_cloud_access
 from transforms.export import (DEFAULT_WORKERS, FAILED, LAYOUTS, MANIFEST,
                                ExportStats, count_sql, export_cohort,
@@ -28,7 +28,7 @@ SHOWN_FAILURES = 5
 
 
 def _parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(
+  p = OneLineParser(
       prog="python -m pipeline.export", description=__doc__.split("\n\n")[0],
       allow_abbrev=False)
   rows = p.add_mutually_exclusive_group(required=True)

@@ -7,6 +7,7 @@ import difflib
 import os
 import posixpath
 import re
+import sys
 from typing import List, Optional
 
 from apache_beam.io.filesystems import FileSystems
@@ -23,7 +24,7 @@ class OptionsError(ValueError):
   """A bad option: reported as one line naming it, before any work."""
 
 
-def _env_bucket() -> Optional[str]:
+def env_bucket() -> Optional[str]:
   # The original config named a bare bucket ('som-pacs'); that means gs://.
   value = os.environ.get("GOOGLE_CLOUD_STORAGE")
   if value and "://" not in value and not value.startswith("/"):
@@ -51,7 +52,7 @@ class StorageOptions(PipelineOptions):
              "entities (patients); several separated by commas. Local paths "
              "or gs:// prefixes.")
     parser.add_argument(
-        "--bucket", default=_env_bucket(),
+        "--bucket", default=env_bucket(),
         help="Destination for study objects: gs://BUCKET or a local folder. "
              "Default: $GOOGLE_CLOUD_STORAGE (a bare name means gs://NAME).")
     parser.add_argument(
@@ -126,6 +127,15 @@ class StorageOptions(PipelineOptions):
         choices=["STREAMING_INSERTS", "FILE_LOADS"],
         help="How rows reach BigQuery: STREAMING_INSERTS (as studies finish) "
              "or FILE_LOADS (load jobs, for large backfills).")
+
+
+class OneLineParser(argparse.ArgumentParser):
+  """The commands' parser (export, verify): a bad argument is one line,
+  'error: ...', and exit status 2, as for a run."""
+
+  def error(self, message):
+    sys.stderr.write(f"error: {message} (see --help)\n")
+    sys.exit(2)
 
 
 class _RaisingParser(_BeamArgumentParser):

@@ -1,6 +1,6 @@
-"""The run report as one page a study coordinator can read: report.html
-beside report.json (plan.html beside plan.json), for runs, plans and
-audits alike.
+"""A report as one page a study coordinator can read: report.html beside
+report.json (plan.html beside plan.json, verify.html beside verify.json),
+for runs, plans and audits alike.
 
 One self-contained file: styles, charts (inline SVG, drawn here) and the
 small script that sorts a table by a clicked column are all inside it, so
@@ -213,21 +213,42 @@ def _files(items: List[Dict[str, Any]], status: str) -> str:
   return out
 
 
+def _problems(report: Dict[str, Any]) -> List[str]:
+  """An audit's problems, a table per kind (capped), with what each kind
+  means."""
+  problems, kinds = report["problems"], report.get("kinds", {})
+  counts = {k: len(v) for k, v in problems.items() if v}
+  parts = ['<div class="charts">',
+           bar_chart("Problems by kind", list(counts.items()),
+                     lambda v: f"{v:,.0f}", "problem"), "</div>"]
+  if not counts:
+    parts.append('<p class="written" data-verdict="ok">Everything holds: '
+                 "no problem found.</p>")
+  for kind, items in problems.items():
+    if not items:
+      continue
+    columns = sorted({k for item in items[:MAX_FILE_ROWS] for k in item}
+                     - {"object"})
+    parts.append(f'<h3>{_e(kind)} ({len(items):,})</h3><p class=sub>'
+                 f'{_e(kinds.get(kind, ""))}</p>')
+    parts.append(_table(["object", *columns], [
+        [(f"<code>{_e(str(item.get('object', '')))}</code>", None),
+         *[(_e(str(item.get(c, ""))), None) for c in columns]]
+        for item in items[:MAX_FILE_ROWS]]))
+    if len(items) > MAX_FILE_ROWS:
+      parts.append(f'<p class="more" data-hidden="{_e(kind)}">'
+                   f"{len(items) - MAX_FILE_ROWS:,} more not shown: see the "
+                   "JSON report.</p>")
+  return parts
+
+
 def render(report: Dict[str, Any], title: str = "") -> str:
-  """The page of a report (transforms/report.py build_report's form)."""
+  """The page of a report: a run's or a plan's (transforms/report.py
+  build_report's form), or an audit's (pipeline.verify: 'problems' by
+  kind instead of studies)."""
   plan = report.get("plan")
-  kind = "Plan" if plan else "Run"
-  title = title or f"DICOM storage {kind.lower()} {report.get('run_id', '')}"
-  studies = report.get("studies", [])
-  modalities = collections.Counter()
-  bytes_by_entity = collections.Counter()
-  for study in studies:
-    modalities.update(study.get("modalities", {}))
-    bytes_by_entity[study["entity_id"]] += study.get("input_bytes") or 0
-  excluded = collections.Counter(
-      f"{status}: {reason_kind(item['reason'])}"
-      for status in ("flagged", "rejected", "failed")
-      for item in report.get(status, []))
+  kind = ("audit" if "problems" in report else "plan" if plan else "run")
+  title = title or f"DICOM storage {kind} {report.get('run_id', '')}"
   parts = [
       "<!DOCTYPE html><html lang=en><head><meta charset=utf-8>",
       '<meta name="viewport" content="width=device-width,initial-scale=1">',
@@ -242,24 +263,43 @@ def render(report: Dict[str, Any], title: str = "") -> str:
     parts.append('<p class="plan">A plan: nothing was written. It says what '
                  "a run on the same input would store, skip, flag and "
                  "reject.</p>")
-  parts += ["<h2>Summary</h2>", _summary(report.get("summary", {})),
-            '<div class="charts">',
-            bar_chart("Images per modality", list(modalities.items()),
-                      lambda v: f"{v:,.0f}", "modality"),
-            bar_chart("Image bytes per entity", list(bytes_by_entity.items()),
-                      _bytes, "entity"),
-            bar_chart("Files not stored, by reason", list(excluded.items()),
-                      lambda v: f"{v:,.0f}", "reason"),
-            "</div>",
-            f"<h2>Studies ({len(studies):,})</h2>", _studies(studies)]
+  parts += ["<h2>Summary</h2>", _summary(report.get("summary", {}))]
+  if "problems" in report:
+    parts += ["<h2>Problems</h2>", *_problems(report)]
+  else:
+    parts += _storage_sections(report)
+  parts.append(f"<script>{_SCRIPT}</script></body></html>")
+  return "".join(parts)
+
+
+def _storage_sections(report: Dict[str, Any]) -> List[str]:
+  """A run's or a plan's charts, studies and files not stored."""
+  studies = report.get("studies", [])
+  modalities = collections.Counter()
+  bytes_by_entity = collections.Counter()
+  for study in studies:
+    modalities.update(study.get("modalities", {}))
+    bytes_by_entity[study["entity_id"]] += study.get("input_bytes") or 0
+  excluded = collections.Counter(
+      f"{status}: {reason_kind(item['reason'])}"
+      for status in ("flagged", "rejected", "failed")
+      for item in report.get(status, []))
+  parts = ['<div class="charts">',
+           bar_chart("Images per modality", list(modalities.items()),
+                     lambda v: f"{v:,.0f}", "modality"),
+           bar_chart("Image bytes per entity", list(bytes_by_entity.items()),
+                     _bytes, "entity"),
+           bar_chart("Files not stored, by reason", list(excluded.items()),
+                     lambda v: f"{v:,.0f}", "reason"),
+           "</div>",
+           f"<h2>Studies ({len(studies):,})</h2>", _studies(studies)]
   for status, heading in (("flagged", "Flagged (possible PHI: never stored)"),
                           ("rejected", "Rejected (bad input)"),
                           ("failed", "Failed (could not be stored)")):
     items = report.get(status, [])
     parts += [f"<h2>{_e(heading)} ({len(items):,})</h2>",
               _files(items, status)]
-  parts.append(f"<script>{_SCRIPT}</script></body></html>")
-  return "".join(parts)
+  return parts
 
 
 def html_path(report_path: str) -> str:
