@@ -4,6 +4,8 @@ environment variables, and the checks that run before any work."""
 import argparse
 import dataclasses
 import difflib
+import hashlib
+import json
 import os
 import posixpath
 import re
@@ -14,6 +16,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import (PipelineOptions,
                                                   _BeamArgumentParser)
 
+from pipeline import __version__
 from transforms import dicom, discover, phi, studies
 from transforms.archive_format import DEFAULT_COMPRESSION_LEVEL
 from transforms.keys import (UnsafeKeyComponent, check_collection,
@@ -109,6 +112,11 @@ class StorageOptions(PipelineOptions):
     parser.add_argument(
         "--bigquery_table",
         help="Send rows to this table instead: PROJECT:DATASET.TABLE.")
+    parser.add_argument(
+        "--full_scan", type=_flag, nargs="?", const=True, default=False,
+        help="Read every file, even of entity folders that are unchanged "
+             "since earlier runs (same paths, sizes and modification times "
+             "or generations): what --overwrite does too.")
     parser.add_argument(
         "--plan", type=_flag, nargs="?", const=True, default=False,
         help="A dry run for review: list, read headers, apply the PHI rules, "
@@ -217,9 +225,14 @@ class RunConfig:
   compression_level: int
   entities: Optional[List[str]]
   overwrite: bool
+  full_scan: bool
   bigquery_table: Optional[str]       # PROJECT:DATASET.TABLE
   bigquery_method: str
   plan: bool = False                  # decide, write nothing but the report
+  # Fingerprint of what decides each file's outcome (PHI rules, deid recipe,
+  # item id, pipeline version): recorded facts made under other rules are
+  # not reused.
+  rules_id: str = ""
 
 
 def _absolute(path: Optional[str]) -> Optional[str]:
@@ -292,8 +305,19 @@ def resolve(opts: StorageOptions, run_id: str) -> RunConfig:
       log=join_uri(posixpath.dirname(report), f"run-{run_id}.log"),
       item_id=opts.item_id, phi_rules=rules, deid_recipe_text=recipe_text,
       compression_level=opts.compression_level, entities=entities,
-      overwrite=bool(opts.overwrite), bigquery_table=table,
-      bigquery_method=opts.bigquery_method, plan=bool(opts.plan))
+      overwrite=bool(opts.overwrite), full_scan=bool(opts.full_scan),
+      bigquery_table=table,
+      bigquery_method=opts.bigquery_method, plan=bool(opts.plan),
+      rules_id=rules_fingerprint(rules, recipe_text, opts.item_id))
+
+
+def rules_fingerprint(rules: List[str], recipe_text: Optional[str],
+                      item_id: str) -> str:
+  """What decides each file's outcome, as 16 hex digits."""
+  text = json.dumps({"phi_rules": sorted(rules), "deid_recipe": recipe_text,
+                     "item_id": item_id, "version": __version__},
+                    sort_keys=True)
+  return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
 TABLE_PATTERN = re.compile(

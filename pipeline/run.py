@@ -38,7 +38,7 @@ from transforms.bigquery import (IncompatibleTable, WriteRowsBigQuery,
                                  ensure_dataset_and_view, table_exists)
 from transforms.bigquery_emulator import (use_emulator_if_configured,
                                           worker_plugin_args)
-from transforms.current import ReadCurrentRows
+from transforms.current import ReadCurrentRows, by_study
 from transforms.dicom import ReadHeaders
 from transforms.gcs import blob_for, storage_client
 from transforms.discover import (DiscoverEntityFiles, InputError,
@@ -49,6 +49,8 @@ from transforms.progress import PROGRESS_DIR_ENV, read_progress
 from transforms.report import (WriteRunReport, format_summary, read_report,
                                write_report)
 from transforms.rows import BuildRows
+from transforms.shortcut import (EntityShortcut, ReadExcludedLedger,
+                                 WriteExcludedLedger, ledger_path)
 from transforms.sinks import (CheckRows, WriteDeadLetters, WriteRowsLocal,
                               write_text_file)
 from transforms.studies import GroupStudies
@@ -184,7 +186,22 @@ def build(p: beam.Pipeline, config: RunConfig, run_id: str,
   begin: each study is decided, and only the report is written."""
   found = p | "Discover" >> DiscoverEntityFiles(config.input_roots,
                                                config.entities)
-  path_checked = found.files | "FlagPhiByPath" >> FlagPhiByPath(
+  current = p | "ReadCurrentRows" >> ReadCurrentRows(
+      config.bigquery_table, config.metadata_output,
+      config.overwrite or not read_current)
+  report = {"seen": (found.files, found[EXCLUDED]), "files": found.files}
+  to_read, excluded = found.files, [found[EXCLUDED]]
+  if not (config.overwrite or config.full_scan or not read_current):
+    # Entities unchanged since earlier runs are not read again.
+    ledger = p | "ReadExcludedLedger" >> ReadExcludedLedger(
+        config.bucket, config.collection)
+    shortcut = {"files": found.files, "current": current,
+                "ledger": ledger} | "EntityShortcut" >> EntityShortcut(
+                    config.rules_id)
+    to_read = shortcut["to_read"]
+    excluded.append(shortcut[EXCLUDED])
+    report["recorded"] = shortcut["skipped"]
+  path_checked = to_read | "FlagPhiByPath" >> FlagPhiByPath(
       config.phi_rules)
   remote = any(r.startswith("gs://") for r in config.input_roots)
   read = path_checked.kept | "ReadHeaders" >> ReadHeaders(remote,
@@ -196,16 +213,12 @@ def build(p: beam.Pipeline, config: RunConfig, run_id: str,
       (path_checked.flagged | "ReadFlaggedHeaders" >> ReadHeaders(
           remote, config.item_id)).images,
       header_checked.flagged) | "AllFlagged" >> beam.Flatten()
-  current = p | "ReadCurrentRows" >> ReadCurrentRows(
-      config.bigquery_table, config.metadata_output,
-      config.overwrite or not read_current)
   # A local run's images wait in local files (transforms/spill.py).
   grouped = {"images": header_checked.kept, "flagged": flagged_images,
-             "current": current} | "GroupStudies" >> GroupStudies(
-                 config.collection, spill_dir)
-  excluded = [found[EXCLUDED], path_checked[EXCLUDED], read[EXCLUDED],
-              header_checked[EXCLUDED], grouped[EXCLUDED]]
-  report = {"seen": (found.files, found[EXCLUDED]), "files": found.files}
+             "current": current | "CurrentByStudy" >> beam.Map(by_study)
+             } | "GroupStudies" >> GroupStudies(config.collection, spill_dir)
+  excluded += [path_checked[EXCLUDED], read[EXCLUDED],
+               header_checked[EXCLUDED], grouped[EXCLUDED]]
 
   if config.plan:
     planned = grouped["studies"] | "PlanStudyArchive" >> PlanStudyArchive(
@@ -216,7 +229,7 @@ def build(p: beam.Pipeline, config: RunConfig, run_id: str,
     written = grouped["studies"] | "WriteStudyArchive" >> WriteStudyArchive(
         config.bucket, config.compression_level, config.overwrite)
     rows = written.stored | "BuildRows" >> BuildRows(
-        config.collection, run_id, __version__)
+        config.collection, run_id, __version__, config.rules_id)
     checked = rows | "CheckRows" >> CheckRows()
     if config.metadata_output:
       checked.valid | "WriteRowsLocal" >> WriteRowsLocal(
@@ -228,8 +241,14 @@ def build(p: beam.Pipeline, config: RunConfig, run_id: str,
     dead = [checked.dead_letter, *refused] | "AllDeadLetters" >> beam.Flatten()
     dead | "WriteDeadLetter" >> WriteDeadLetters(
         join_uri(config.dead_letter, f"dead_letter-{run_id}.json"))
+    all_excluded = [*excluded, written[EXCLUDED]] | "AllExcluded" >> (
+        beam.Flatten())
+    _ = {"files": found.files, "excluded": all_excluded
+         } | "WriteExcludedLedger" >> WriteExcludedLedger(
+             ledger_path(config.bucket, config.collection, run_id),
+             config.rules_id, run_id)
     report.update(
-        excluded=[*excluded, written[EXCLUDED]] | "AllExcluded" >> beam.Flatten(),
+        excluded=all_excluded,
         stored=written.stored, skipped=written.skipped, rows=checked.valid,
         refused=refused[0] if refused else p | "NoneRefused" >> beam.Create([]),
         dead_letter=dead)

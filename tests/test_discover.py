@@ -24,11 +24,13 @@ def test_files_are_split_into_entity_and_path(tmp_path):
   root = str(tmp_path / "r")
   with local_pipeline() as p:
     found = p | DiscoverEntityFiles([root])
+    # Each with its listing facts: size, and the file's mtime in ns.
+    version = lambda rel: f"mtime_ns:{os.stat(f'{root}/{rel}').st_mtime_ns}"  # noqa: E731
     assert_that(found.files, equal_to([
-        SourceFile(f"{root}/E1/a/b/x.dcm", "E1", "a/b/x.dcm", 5),
-        SourceFile(f"{root}/E1/y.dcm", "E1", "y.dcm", 5),
-        SourceFile(f"{root}/E2/z.dcm", "E2", "z.dcm", 5),
-        SourceFile(f"{root}/E 3/w.dcm", "E 3", "w.dcm", 5)]), label="files")
+        SourceFile(f"{root}/{rel}", rel.split("/")[0], rel.split("/", 1)[1],
+                   5, version(rel))
+        for rel in ("E1/a/b/x.dcm", "E1/y.dcm", "E2/z.dcm", "E 3/w.dcm")]),
+        label="files")
     assert_that(found.excluded, equal_to([Excluded(
         f"{root}/top.dcm", "", REJECTED,
         "file lies directly in the input root, not inside an entity folder")]),

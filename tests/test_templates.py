@@ -59,6 +59,7 @@ MISTAKES = {
     "overwrite": ["yes", "True"],
     "verbose": ["yes", "1"],
     "plan": ["yes", "TRUE"],
+    "full_scan": ["yes", "on"],
 }
 
 

@@ -7,30 +7,66 @@ rows (write its rows only), or new or changed (write it).
 """
 
 import json
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Dict, Iterable, List, NamedTuple, Optional, Tuple
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
 from transforms.keys import join_uri
 from transforms.records import rfc3339_utc
+from transforms.schema import METADATA
 from transforms.sinks import ROWS_PREFIX   # the files WriteRowsLocal writes
 
-# A current image is the tuple (sop_instance_uid, member_sha256,
-# member_offset, md5_hash, size_bytes, written_at) of one current row.
+class CurrentRow(NamedTuple):
+  """What later steps need of one current row. Its first six fields are
+  the archive writer's current image: (sop_instance_uid, member_sha256,
+  member_offset, md5_hash, size_bytes, written_at)."""
+  sop_instance_uid: str
+  member_sha256: str
+  member_offset: int
+  md5_hash: str
+  size_bytes: int          # of the object
+  written_at: str
+  entity_id: str
+  study_instance_uid: str
+  source_path: str         # below the entity folder
+  member_size_bytes: int   # of the input file
+  source_version: Optional[str]   # the input file's listing version
+  rules: Optional[str]            # the run's rules fingerprint
+  uri: str
+  member: str
+  modality: Optional[str]
+
+  @property
+  def study_key(self) -> Tuple[str, str]:
+    return self.entity_id, self.study_instance_uid
+
+  @property
+  def image(self) -> tuple:
+    return tuple(self[:6])
+
+
+def current_row(row: dict) -> CurrentRow:
+  st = row["storage"]
+  return CurrentRow(
+      row["sop_instance_uid"], st["member_sha256"], st["member_offset"],
+      st["md5_hash"], st["size_bytes"], st["written_at"], row["entity_id"],
+      row["study_instance_uid"], row["source_path"], st["member_size_bytes"],
+      row.get("source_version"), row.get("rules"), st["uri"], st["member"],
+      row.get("Modality"))
 
 
 def current_image(row: dict) -> Tuple[Tuple[str, str], tuple]:
-  st = row["storage"]
-  return ((row["entity_id"], row["study_instance_uid"]),
-          (row["sop_instance_uid"], st["member_sha256"], st["member_offset"],
-           st["md5_hash"], st["size_bytes"], st["written_at"]))
+  """((entity, study uid), current image tuple) of a row."""
+  current = current_row(row)
+  return current.study_key, current.image
 
 
 def newest_per_study(keyed: Iterable[Tuple[Tuple[str, str], tuple]]
                      ) -> Dict[Tuple[str, str], List[tuple]]:
   """The rows of each study's newest object, one per image: the same rule
-  as the BigQuery view, for local row files."""
+  as the BigQuery view, for local row files. Values are current image
+  tuples or CurrentRows (sop_instance_uid first, written_at sixth)."""
   newest: Dict[Tuple[str, str], Dict[str, tuple]] = {}
   for key, image in keyed:
     images = newest.setdefault(key, {})
@@ -49,46 +85,55 @@ def row_files(metadata_dir: str) -> List[str]:
   return sorted(m.path for m in FileSystems.match([pattern])[0].metadata_list)
 
 
+_METADATA_AT_END = b', "' + METADATA.encode() + b'": '
+
+
 def _rows_in(path: str) -> Iterable[dict]:
+  """The rows of one file, without their metadata: sinks.row_line writes it
+  last, so the rest of the line parses alone, at a fraction of the cost."""
   with FileSystems.open(path) as f:
     for line in f:
-      if line.strip():
-        yield json.loads(line)
+      if not line.strip():
+        continue
+      cut = line.find(_METADATA_AT_END)
+      nested = cut > 0 and line[cut + len(_METADATA_AT_END):][:1] == b"{"
+      yield json.loads(line[:cut] + b"}" if nested else line)
 
 
 class _ReadLocalCurrent(beam.DoFn):
-  def process(self, metadata_dir: str):
-    keyed = (current_image(row) for path in row_files(metadata_dir)
-             for row in _rows_in(path))
-    for key, images in newest_per_study(keyed).items():
-      for image in images:
-        yield key, image
+  def process(self, metadata_dir: str) -> Iterable[CurrentRow]:
+    keyed = ((row.study_key, row) for row in (
+        current_row(r) for path in row_files(metadata_dir)
+        for r in _rows_in(path)))
+    for rows in newest_per_study(keyed).values():
+      yield from rows
 
 
 class _ReadBigQueryCurrent(beam.DoFn):
   def __init__(self, table: str):
     self.table = table
 
-  def process(self, _):
+  def process(self, _) -> Iterable[CurrentRow]:
     from transforms.bigquery import CURRENT_VIEW_SUFFIX, query_rows, sql_table
     sql = f"""
-        SELECT entity_id, study_instance_uid, sop_instance_uid,
-               storage.member_sha256 AS member_sha256,
+        SELECT sop_instance_uid, storage.member_sha256 AS member_sha256,
                storage.member_offset AS member_offset,
                storage.md5_hash AS md5_hash, storage.size_bytes AS size_bytes,
-               storage.written_at AS written_at
+               storage.written_at AS written_at, entity_id,
+               study_instance_uid, source_path,
+               storage.member_size_bytes AS member_size_bytes,
+               source_version, rules, storage.uri AS uri,
+               storage.member AS member, Modality AS modality
         FROM {sql_table(self.table, CURRENT_VIEW_SUFFIX)}"""
     for r in query_rows(self.table, sql, {}):
       written = r["written_at"]
-      written = (rfc3339_utc(written) if hasattr(written, "isoformat")
-                 else str(written))
-      yield ((r["entity_id"], r["study_instance_uid"]),
-             (r["sop_instance_uid"], r["member_sha256"], r["member_offset"],
-              r["md5_hash"], r["size_bytes"], written))
+      r["written_at"] = (rfc3339_utc(written) if hasattr(written, "isoformat")
+                         else str(written))
+      yield CurrentRow(**r)
 
 
 class ReadCurrentRows(beam.PTransform):
-  """-> ((entity_id, study_instance_uid), current image tuple) per row.
+  """-> CurrentRow per current row.
 
   From the BigQuery current view when a table is named, else from the row
   files of earlier runs in the metadata folder; nothing with --overwrite.
@@ -112,3 +157,8 @@ class ReadCurrentRows(beam.PTransform):
             | "Source" >> beam.Create([self.metadata_dir or ""])
             | "Read" >> read
             | "Spread" >> beam.Reshuffle())
+
+
+def by_study(row: CurrentRow) -> Tuple[Tuple[str, str], tuple]:
+  """What GroupStudies takes: ((entity, study uid), current image)."""
+  return row.study_key, row.image

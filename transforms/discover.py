@@ -10,9 +10,11 @@ import functools
 import json
 import logging
 import os
-from typing import Iterable, List, Optional, Sequence, Tuple
+import re
+from typing import Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import apache_beam as beam
+from apache_beam.io.filesystem import FileSystem
 from apache_beam.io.filesystems import FileSystems
 
 from transforms.keys import UnsafeKeyComponent, check_key_component
@@ -52,7 +54,8 @@ def check_input_roots(roots: Sequence[str]) -> None:
       raise InputError(f"--input {root!r} holds no files (or does not exist)")
 
 
-def source_file_for(root: str, path: str, size_bytes: int) -> SourceFile:
+def source_file_for(root: str, path: str, size_bytes: int,
+                    version: str = "") -> SourceFile:
   """Splits a listed path into entity id and path below the entity folder.
 
   The root may be a glob; its number of path components is what matters.
@@ -66,7 +69,8 @@ def source_file_for(root: str, path: str, size_bytes: int) -> SourceFile:
                              "inside an entity folder")
   entity_id = check_key_component(parts[depth], "entity folder name")
   return SourceFile(path=path, entity_id=entity_id,
-                    relpath="/".join(parts[depth + 1:]), size_bytes=size_bytes)
+                    relpath="/".join(parts[depth + 1:]), size_bytes=size_bytes,
+                    version=version)
 
 
 # The same few roots, resolved once per worker instead of once per file.
@@ -107,10 +111,34 @@ def listing_patterns(roots: Sequence[str],
   return [(root, f"{root}/{entity}/**") for root in roots for entity in entities]
 
 
+def list_files(pattern: str) -> Iterator[Tuple[str, int, str]]:
+  """(path, size, version) of every file matching a glob: on Cloud Storage
+  from the bucket's listing (version: the object's generation), elsewhere
+  through FileSystems (version: a local file's modification time in
+  nanoseconds)."""
+  if pattern.startswith("gs://"):
+    from transforms.gcs import split_gs_uri, storage_client
+    bucket, name = split_gs_uri(pattern)
+    glob_at = min([name.find(c) for c in _GLOB_CHARS if c in name] + [len(name)])
+    wanted = re.compile(FileSystem.translate_pattern(pattern))
+    for blob in storage_client().list_blobs(bucket, prefix=name[:glob_at]):
+      path = f"gs://{bucket}/{blob.name}"
+      if wanted.match(path) and not blob.name.endswith("/"):
+        yield path, blob.size, f"generation:{blob.generation}"
+    return
+  for result in FileSystems.match([pattern]):
+    for meta in result.metadata_list:
+      try:
+        version = f"mtime_ns:{os.stat(meta.path).st_mtime_ns}"
+      except OSError:   # not a local path: the store's modification time
+        version = f"updated:{meta.last_updated_in_seconds}"
+      yield meta.path, meta.size_in_bytes, version
+
+
 class _ListRoot(beam.DoFn):
   """Lists every file matching one (root, glob) pair: (root, JSON text of
-  up to FILES_PER_BATCH [path, size] pairs) per batch, one short string
-  where a tuple per file took ~0.5 kB in the driver."""
+  up to FILES_PER_BATCH [path, size, version] lists) per batch, one short
+  string where a tuple per file took ~0.5 kB in the driver."""
 
   def __init__(self):
     self.listed = Count("files_listed")
@@ -121,32 +149,32 @@ class _ListRoot(beam.DoFn):
               ) -> Iterable[Tuple[str, str]]:
     root, pattern = root_and_pattern
     batch = []
-    for result in FileSystems.match([pattern]):
-      for meta in result.metadata_list:
-        self.listed.inc()
-        self.bytes_listed.inc(meta.size_in_bytes)
-        batch.append((meta.path, meta.size_in_bytes))
-        if len(batch) == FILES_PER_BATCH:
-          yield root, json.dumps(batch)
-          batch = []
+    for path, size, version in list_files(pattern):
+      self.listed.inc()
+      self.bytes_listed.inc(size)
+      batch.append((path, size, version))
+      if len(batch) == FILES_PER_BATCH:
+        yield root, json.dumps(batch)
+        batch = []
     if batch:
       yield root, json.dumps(batch)
     self.done.inc()
 
 
-def _unbatch(root: str, batch: str) -> Iterable[Tuple[str, str, int]]:
-  for path, size_bytes in json.loads(batch):
-    yield root, path, size_bytes
+def _unbatch(root: str, batch: str) -> Iterable[Tuple[str, str, int, str]]:
+  for path, size_bytes, version in json.loads(batch):
+    yield root, path, size_bytes, version
 
 
 class _ToSourceFile(beam.DoFn):
   def __init__(self):
     self.rejected = Count("files_rejected")
 
-  def process(self, listed: Tuple[str, str, int]) -> Iterable[SourceFile]:
-    root, path, size_bytes = listed
+  def process(self, listed: Tuple[str, str, int, str]
+              ) -> Iterable[SourceFile]:
+    root, path, size_bytes, version = listed
     try:
-      source = source_file_for(root, path, size_bytes)
+      source = source_file_for(root, path, size_bytes, version)
       check_inside_root(root, path)
       yield source
     except UnsafeKeyComponent as e:

@@ -42,6 +42,8 @@ COUNTERS = {
     "studies_planned": "studies decided by a --plan run (nothing written)",
     "images_finished": "images whose study is stored, skipped, failed or "
                        "planned",
+    "images_not_read": "images of unchanged entities, skipped without "
+                       "reading them again",
     "rows_built": "metadata rows built",
 }
 

@@ -32,6 +32,9 @@ class SourceFile:
   entity_id: str     # name of the entity folder directly under the input root
   relpath: str       # posix path below the entity folder
   size_bytes: int
+  # What says the file is unchanged since listed before, with its size:
+  # 'mtime_ns:<n>' on a local disk, 'generation:<n>' on Cloud Storage.
+  version: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +44,9 @@ class Excluded:
   entity_id: str
   status: str        # FLAGGED, REJECTED or FAILED
   reason: str
+  # The run whose outcome this is, when the file was not read again
+  # (unchanged since: transforms/shortcut.py).
+  not_reread_since: Optional[str] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,3 +180,16 @@ class PlannedStudy:
   study: Study
   uri: str          # where its object is, or would be
   action: str       # WRITE, COMPLETE_ROWS or SKIP
+
+
+@dataclasses.dataclass(frozen=True)
+class RecordedStudy:
+  """A study of an entity whose files are all unchanged since they were
+  stored: skipped without reading them, as its current rows record it."""
+  entity_id: str
+  study_instance_uid: str
+  uri: str
+  size_bytes: int            # of its object
+  md5_hash: str
+  # (input path, member, SOP instance UID, modality, input size) per image
+  files: Tuple[Tuple[str, str, str, Optional[str], int], ...]

@@ -19,7 +19,7 @@ from apache_beam.io.filesystems import FileSystems
 from transforms.keys import ARCHIVE_SUFFIX, join_uri
 from transforms.records import (COMPLETE_ROWS, FAILED, FLAGGED, REJECTED,
                                 SKIP, WRITE, Excluded, PlannedStudy,
-                                StoredStudy)
+                                RecordedStudy, StoredStudy)
 from transforms.sinks import json_line, write_text_file
 
 STORED_PREFIX = "stored-"
@@ -36,7 +36,8 @@ def stored_listing(report_path: str, run_id: str) -> str:
   return join_uri(posixpath.dirname(report_path), STORED_PREFIX + run_id)
 
 
-def list_study(done: Union[StoredStudy, PlannedStudy], listing: str,
+def list_study(done: Union[StoredStudy, PlannedStudy, RecordedStudy],
+               listing: str,
                outcome: Optional[str] = None) -> Tuple[str, Dict[str, Any]]:
   """Writes the study's lines of the stored listing (each image's input
   path, its study object and its member there; for a plan, where they
@@ -46,31 +47,44 @@ def list_study(done: Union[StoredStudy, PlannedStudy], listing: str,
   of the study: small, nothing per image, its images counted by modality
   in the same pass over them. outcome: by default, what happened to it
   (or what a plan decided)."""
-  study = done.study
-  if outcome is None:
-    outcome = (PLANNED[done.action] if isinstance(done, PlannedStudy)
-               else ROWS_COMPLETED if done.rows_completed else WRITTEN)
-  if isinstance(done, PlannedStudy):
-    uri, members = done.uri, (study.member_name(i) for i in study.images)
-    size, md5 = None, None
+  if isinstance(done, RecordedStudy):   # not read again: as recorded
+    entity, study_uid = done.entity_id, done.study_instance_uid
+    uri, size, md5 = done.uri, done.size_bytes, done.md5_hash
+    files = ((path, member, modality, size_bytes)
+             for path, member, _, modality, size_bytes in done.files)
+    outcome = outcome or SKIPPED
   else:
-    uri, members = done.location.uri, (m.member for m in done.members)
-    size, md5 = done.location.size_bytes, done.location.md5_hash
+    study = done.study
+    entity, study_uid = study.entity_id, study.study_instance_uid
+    if isinstance(done, PlannedStudy):
+      uri, members = done.uri, (study.member_name(i) for i in study.images)
+      size, md5 = None, None
+      outcome = outcome or PLANNED[done.action]
+    else:
+      uri, members = done.location.uri, (m.member for m in done.members)
+      size, md5 = done.location.size_bytes, done.location.md5_hash
+      outcome = outcome or (ROWS_COMPLETED if done.rows_completed
+                            else WRITTEN)
+    files = ((image.source.path, member, image.modality,
+              image.source.size_bytes)
+             for image, member in zip(study.images, members))
   lines, modalities, input_bytes = [], collections.Counter(), 0
-  for image, member in zip(study.images, members):
-    lines.append(json_line({"path": image.source.path, "object": uri,
+  for path, member, modality, size_bytes in files:
+    lines.append(json_line({"path": path, "object": uri,
                             "member": member}) + "\n")
-    modalities[image.modality or "unknown"] += 1
-    input_bytes += image.source.size_bytes
+    modalities[modality or "unknown"] += 1
+    input_bytes += size_bytes
   name = posixpath.basename(uri).removesuffix(ARCHIVE_SUFFIX)
   write_text_file(join_uri(listing, name + ".json"), "".join(lines))
-  return "studies", {
-      "uri": uri, "entity_id": study.entity_id,
-      "study_instance_uid": study.study_instance_uid,
+  fact = {
+      "uri": uri, "entity_id": entity, "study_instance_uid": study_uid,
       "instances": len(lines), "input_bytes": input_bytes,
       "size_bytes": size, "md5_hash": md5, "outcome": outcome,
       "modalities": dict(sorted(modalities.items())),
   }
+  if isinstance(done, RecordedStudy):
+    fact["not_read"] = True
+  return "studies", fact
 
 
 def read_stored_listing(report: Dict[str, Any]) -> List[Dict[str, str]]:
@@ -83,6 +97,13 @@ def read_stored_listing(report: Dict[str, Any]) -> List[Dict[str, str]]:
   return sorted(entries, key=lambda e: e["path"])
 
 
+def _excluded_entry(e: Excluded) -> Dict[str, Any]:
+  entry = {"path": e.path, "entity_id": e.entity_id, "reason": e.reason}
+  if e.not_reread_since:   # unchanged since that run: not read again
+    entry["not_reread_since"] = e.not_reread_since
+  return entry
+
+
 def build_report(run_id: str, version: str, collection: str,
                  discovered: int, entities: int, excluded: List[Excluded],
                  studies: List[Dict[str, Any]], rows_written: int,
@@ -91,8 +112,7 @@ def build_report(run_id: str, version: str, collection: str,
   """The report: every study with its outcome ('studies'), every file not
   stored with its reason, and the totals. A plan's report has the same
   form, its outcomes what a run would do."""
-  by_status = {s: sorted(({"path": e.path, "entity_id": e.entity_id,
-                           "reason": e.reason} for e in excluded
+  by_status = {s: sorted((_excluded_entry(e) for e in excluded
                           if e.status == s), key=lambda d: d["path"])
                for s in (FLAGGED, REJECTED, FAILED)}
   studies = sorted(studies, key=lambda s: s["uri"])
@@ -108,6 +128,13 @@ def build_report(run_id: str, version: str, collection: str,
       "failed": len(by_status[FAILED]),
       "studies": len(studies),
       "input_bytes_kept": sum(s["input_bytes"] for s in studies),
+      # Unchanged since earlier runs: not read again (transforms/shortcut.py)
+      "studies_not_read": sum(1 for s in studies if s.get("not_read")),
+      "files_not_read": sum(s["instances"] for s in studies
+                            if s.get("not_read")) + sum(
+                                1 for s in (FLAGGED, REJECTED)
+                                for e in by_status[s]
+                                if e.get("not_reread_since")),
   }
   if plan:
     summary.update({
@@ -158,6 +185,10 @@ def format_summary(report: Dict[str, Any]) -> str:
       f"failed {s['failed']}",
       studies,
   ]
+  if s.get("files_not_read"):
+    lines.append(f"  unchanged since earlier runs, not read again: "
+                 f"{s['files_not_read']} files ({s['studies_not_read']} "
+                 "studies)")
   for status in (FLAGGED, REJECTED, FAILED):
     for item in report[status][:5]:
       lines.append(f"  {status}: {item['path']}: {item['reason']}")
@@ -238,8 +269,9 @@ class WriteRunReport(beam.PTransform):
   parts: "seen", PCollections with one element per listed file between
   them (counted as they are, not flattened first); "files", those in
   entities; "excluded"; the studies by outcome: "stored" and "skipped"
-  (StoredStudy), or in a plan "planned" (PlannedStudy); "rows", "refused"
-  and "dead_letter", the rows' fates (none in a plan).
+  (StoredStudy), or in a plan "planned" (PlannedStudy), and "recorded"
+  (RecordedStudy: unchanged, not read again); "rows", "refused" and
+  "dead_letter", the rows' fates (none in a plan).
   """
 
   def __init__(self, path: str, run_id: str, version: str, collection: str,
@@ -280,9 +312,10 @@ class WriteRunReport(beam.PTransform):
                                       self.version, self.collection, listing,
                                       self.plan))
 
-  @staticmethod
-  def _outcomes(parts):
+  def _outcomes(self, parts):
     """(part, outcome) of each part holding studies."""
-    if "planned" in parts:
-      return [("planned", None)]
-    return [("stored", None), ("skipped", SKIPPED)]
+    found = ([("planned", None)] if "planned" in parts
+             else [("stored", None), ("skipped", SKIPPED)])
+    if "recorded" in parts:   # skipped without being read again
+      found.append(("recorded", PLANNED[SKIP] if self.plan else SKIPPED))
+    return found

@@ -80,7 +80,7 @@ def dicom_columns(header: Dict[str, Any], invalid: Sequence[str] = ()
 
 def build_row(collection: str, stored: StoredStudy, image: ImageRecord,
               header: HeaderPart, member: MemberLocation, run_id: str,
-              version: str) -> Dict[str, Any]:
+              version: str, rules: Optional[str] = None) -> Dict[str, Any]:
   loc = stored.location
   row = {
       "collection": collection,
@@ -105,6 +105,8 @@ def build_row(collection: str, stored: StoredStudy, image: ImageRecord,
       "download_link": loc.download_link, "metadata_link": loc.metadata_link,
       "written_at": loc.written_at,
   }
+  row["source_version"] = image.source.version or None
+  row["rules"] = rules
   row["run_id"] = run_id
   row["pipeline_version"] = version
   return row
@@ -116,10 +118,12 @@ ROWS_CHUNK = 256
 
 
 class _BuildRows(beam.DoFn):
-  def __init__(self, collection: str, run_id: str, version: str):
+  def __init__(self, collection: str, run_id: str, version: str,
+               rules: Optional[str] = None):
     self.collection = collection
     self.run_id = run_id
     self.version = version
+    self.rules = rules
     self.rows = Count("rows_built")
 
   def process(self, stored: StoredStudy) -> Iterable[Dict[str, Any]]:
@@ -131,18 +135,21 @@ class _BuildRows(beam.DoFn):
                                        stored.members[start:end]):
         self.rows.inc()
         yield build_row(self.collection, stored, image, header, member,
-                        self.run_id, self.version)
+                        self.run_id, self.version, self.rules)
 
 
 class BuildRows(beam.PTransform):
-  """StoredStudy -> one row dict per image."""
+  """StoredStudy -> one row dict per image. rules: the run's rules
+  fingerprint, recorded with each image's listing facts."""
 
-  def __init__(self, collection: str, run_id: str, version: str):
+  def __init__(self, collection: str, run_id: str, version: str,
+               rules: Optional[str] = None):
     super().__init__()
     self.collection = collection
     self.run_id = run_id
     self.version = version
+    self.rules = rules
 
   def expand(self, stored):
     return stored | "BuildRows" >> beam.ParDo(
-        _BuildRows(self.collection, self.run_id, self.version))
+        _BuildRows(self.collection, self.run_id, self.version, self.rules))

@@ -97,6 +97,12 @@ TABLE_SCHEMA: Dict[str, List[Dict[str, Any]]] = {"fields": [
            "JSONPath in metadata of each value kept as written because it "
            "cannot be read as its VR says (e.g. a DS that is not a number)"),
     _field("storage", "RECORD", "REQUIRED", fields=STORAGE_FIELDS),
+    _field("source_version", "STRING", "NULLABLE",
+           "the input file's listing version when it was stored: "
+           "mtime_ns:<n> (local) or generation:<n> (Cloud Storage)"),
+    _field("rules", "STRING", "NULLABLE",
+           "fingerprint of the rules the run applied (PHI rules, deid "
+           "recipe, item id keyword, pipeline version)"),
     _field("run_id", "STRING", "REQUIRED"),
     _field("pipeline_version", "STRING", "REQUIRED"),
 ]}

@@ -61,7 +61,8 @@ def encode_record(image: ImageRecord) -> bytes:
   header's file is the record's own, beside it: only its span is kept)."""
   s, h = image.source, image.header
   return pickle.dumps((
-      s.path, s.entity_id, s.relpath, s.size_bytes, image.study_instance_uid,
+      s.path, s.entity_id, s.relpath, s.size_bytes, s.version,
+      image.study_instance_uid,
       image.series_instance_uid, image.sop_instance_uid, h.offset, h.length,
       image.study_date, image.transfer_syntax_uid, image.item_value,
       image.burned_in_annotation, image.modality),
@@ -69,10 +70,10 @@ def encode_record(image: ImageRecord) -> bytes:
 
 
 def decode_record(data: bytes, header_path: str) -> ImageRecord:
-  (path, entity_id, relpath, size, study, series, sop, header_offset,
+  (path, entity_id, relpath, size, version, study, series, sop, header_offset,
    header_length, date, syntax, item, burned, modality) = pickle.loads(data)
   return ImageRecord(
-      source=SourceFile(path, entity_id, relpath, size),
+      source=SourceFile(path, entity_id, relpath, size, version),
       study_instance_uid=study, series_instance_uid=series,
       sop_instance_uid=sop,
       header=SpilledHeader(header_path, header_offset, header_length),

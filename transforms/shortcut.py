@@ -1,0 +1,256 @@
+"""A scheduled run costs what changed: an entity folder whose files are all
+as earlier runs recorded them is not read again.
+
+Each file's listing facts (its path below the entity, size, and version:
+modification time in nanoseconds on a local disk, generation on Cloud
+Storage) are recorded where its outcome is:
+
+- a stored file's, in its row (source_path, storage.member_size_bytes,
+  source_version, rules): they reach this step with the current rows, which
+  every run reads anyway to decide what is already stored;
+- a flagged or rejected file's, in the excluded ledger: one JSON-lines file
+  per run, <bucket>/Runs/<collection>/excluded-<run id>.json, every file
+  the run flagged or rejected (read or not) with its facts and reason; the
+  newest one is read back.
+
+The listed files, the current rows and the ledger's entries meet per
+entity (a CoGroupByKey by entity id; studies never span entities). An
+entity is unchanged when its files are exactly the recorded ones (none
+added, none gone), each with the recorded size and version, all recorded
+under the same rules as this run's (PHI rules, deid recipe, item id,
+pipeline version: transforms/options rules_fingerprint). Its studies are
+then skipped as their current rows describe them (RecordedStudy), and its
+flagged and rejected files keep their recorded outcome, marked as not read
+again. An entity with any change is read whole and handled as a full run
+handles it: correctness first, the shortcut only where nothing changed.
+"""
+
+import json
+import random
+from typing import Any, Dict, Iterable, List, NamedTuple, Optional, Tuple
+
+import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
+
+from transforms.current import CurrentRow
+from transforms.keys import join_uri
+from transforms.progress import Count
+from transforms.records import (FLAGGED, REJECTED, Excluded, RecordedStudy,
+                                SourceFile)
+from transforms.sinks import json_line, write_text_file
+
+LEDGER_PREFIX = "excluded-"
+SKIPPED_TAG = "skipped"
+EXCLUDED_TAG = "excluded"
+FILES_PER_BATCH = 64
+
+
+class LedgerEntry(NamedTuple):
+  """A flagged or rejected file, as a run recorded it."""
+  entity_id: str
+  relpath: str
+  size_bytes: int
+  version: str
+  rules: str
+  status: str
+  reason: str
+  run_id: str
+
+
+def ledger_folder(bucket: str, collection: str) -> str:
+  return join_uri(bucket, f"Runs/{collection}")
+
+
+def ledger_path(bucket: str, collection: str, run_id: str) -> str:
+  return join_uri(ledger_folder(bucket, collection),
+                  f"{LEDGER_PREFIX}{run_id}.json")
+
+
+def newest_ledger(bucket: str, collection: str) -> Optional[str]:
+  """The newest run's ledger (run ids sort by time), or None."""
+  pattern = join_uri(ledger_folder(bucket, collection),
+                     LEDGER_PREFIX + "*.json")
+  try:
+    found = FileSystems.match([pattern])[0].metadata_list
+  except Exception:  # pylint: disable=broad-except
+    return None   # no Runs/ folder yet
+  return max((m.path for m in found), default=None)
+
+
+def read_ledger(path: str) -> Iterable[LedgerEntry]:
+  with FileSystems.open(path) as f:
+    for line in f:
+      if line.strip():
+        yield LedgerEntry(**json.loads(line))
+
+
+class _ReadLedger(beam.DoFn):
+  def process(self, location: Tuple[str, str]) -> Iterable[LedgerEntry]:
+    path = newest_ledger(*location)
+    if path:
+      yield from read_ledger(path)
+
+
+def _compact(source: SourceFile) -> Tuple[str, str, int, str]:
+  return source.path, source.relpath, source.size_bytes, source.version
+
+
+def unchanged(listed: List[Tuple[str, str, int, str]],
+              current: List[CurrentRow], ledger: List[LedgerEntry],
+              rules: str) -> bool:
+  """Whether an entity's listed files are exactly the recorded ones, each
+  with its recorded size and version, all recorded under these rules."""
+  recorded: Dict[str, Tuple[int, Optional[str], Optional[str]]] = {}
+  for row in current:
+    recorded[row.source_path] = (row.member_size_bytes, row.source_version,
+                                 row.rules)
+  for entry in ledger:
+    if entry.relpath in recorded:
+      return False   # stored and excluded at once: look again
+    recorded[entry.relpath] = (entry.size_bytes, entry.version, entry.rules)
+  if len(listed) != len(recorded) or not recorded:
+    return False
+  for _, relpath, size, version in listed:
+    facts = recorded.get(relpath)
+    if facts is None or facts != (size, version, rules) or not version:
+      return False
+  return True
+
+
+def recorded_studies(entity: str, listed: List[Tuple[str, str, int, str]],
+                     current: List[CurrentRow]) -> List[RecordedStudy]:
+  path_of = {relpath: path for path, relpath, _, _ in listed}
+  studies: Dict[str, List[CurrentRow]] = {}
+  for row in current:
+    studies.setdefault(row.study_instance_uid, []).append(row)
+  return [RecordedStudy(
+      entity, uid, rows[0].uri, rows[0].size_bytes, rows[0].md5_hash,
+      tuple(sorted((path_of[r.source_path], r.member, r.sop_instance_uid,
+                    r.modality, r.member_size_bytes) for r in rows)))
+          for uid, rows in sorted(studies.items())]
+
+
+class _Decide(beam.DoFn):
+  """Per entity: its studies skipped and its bad files' outcomes kept when
+  nothing changed, else its files to read, in batches."""
+
+  def __init__(self, rules: str):
+    self.rules = rules
+    self.not_read = Count("images_not_read")
+    self.flagged = Count("files_flagged")
+    self.rejected = Count("files_rejected")
+
+  def process(self, grouped) -> Iterable[Any]:
+    entity, parts = grouped
+    listed = sorted(set(parts["files"]))
+    if not listed:
+      return   # recorded, but not in this run's input
+    current, ledger = list(parts["current"]), list(parts["ledger"])
+    if not unchanged(listed, current, ledger, self.rules):
+      for start in range(0, len(listed), FILES_PER_BATCH):
+        yield (random.getrandbits(32), json.dumps(
+            [entity, listed[start:start + FILES_PER_BATCH]]))
+      return
+    for study in recorded_studies(entity, listed, current):
+      self.not_read.inc(len(study.files))
+      yield beam.pvalue.TaggedOutput(SKIPPED_TAG, study)
+    path_of = {relpath: path for path, relpath, _, _ in listed}
+    for entry in ledger:
+      (self.flagged if entry.status == FLAGGED else self.rejected).inc()
+      yield beam.pvalue.TaggedOutput(EXCLUDED_TAG, Excluded(
+          path_of[entry.relpath], entity, entry.status, entry.reason,
+          not_reread_since=entry.run_id))
+
+
+def _unbatch(keyed_batch) -> Iterable[SourceFile]:
+  entity, files = json.loads(keyed_batch[1])
+  for path, relpath, size, version in files:
+    yield SourceFile(path, entity, relpath, size, version)
+
+
+class EntityShortcut(beam.PTransform):
+  """{'files': listed SourceFiles, 'current': CurrentRows, 'ledger':
+  LedgerEntries} -> {'to_read': SourceFiles of changed entities,
+  'skipped': RecordedStudy, 'excluded': Excluded kept from the ledger}."""
+
+  def __init__(self, rules: str):
+    super().__init__()
+    self.rules = rules
+
+  def expand(self, inputs):
+    keyed = {
+        "files": inputs["files"] | "FilesByEntity" >> beam.Map(
+            lambda f: (f.entity_id, _compact(f))),
+        "current": inputs["current"] | "RowsByEntity" >> beam.Map(
+            lambda r: (r.entity_id, r)),
+        "ledger": inputs["ledger"] | "LedgerByEntity" >> beam.Map(
+            lambda e: (e.entity_id, e)),
+    }
+    decided = (keyed
+               | "ByEntity" >> beam.CoGroupByKey()
+               | "Decide" >> beam.ParDo(_Decide(self.rules)).with_outputs(
+                   SKIPPED_TAG, EXCLUDED_TAG, main="batches"))
+    # The files of one changed entity come from one worker: spread them.
+    to_read = (decided.batches
+               | "Spread" >> beam.Reshuffle()
+               | "Unbatch" >> beam.FlatMap(_unbatch))
+    return {"to_read": to_read, SKIPPED_TAG: decided[SKIPPED_TAG],
+            EXCLUDED_TAG: decided[EXCLUDED_TAG]}
+
+
+class ReadExcludedLedger(beam.PTransform):
+  """-> the LedgerEntries of the newest run's ledger (none without one)."""
+
+  def __init__(self, bucket: str, collection: str):
+    super().__init__()
+    self.bucket = bucket
+    self.collection = collection
+
+  def expand(self, pbegin):
+    return (pbegin
+            | "Where" >> beam.Create([(self.bucket, self.collection)])
+            | "Read" >> beam.ParDo(_ReadLedger()))
+
+
+def _ledger_entry(source: SourceFile, excluded: Dict[str, Excluded],
+                  rules: str, run_id: str) -> Iterable[Dict[str, Any]]:
+  found = excluded.get(source.path)
+  if found is not None:
+    yield LedgerEntry(source.entity_id, source.relpath, source.size_bytes,
+                      source.version, rules, found.status, found.reason,
+                      found.not_reread_since or run_id)._asdict()
+
+
+def _write_ledger(keyed_entries, path: str) -> Iterable[str]:
+  """The whole ledger, written even when empty: the newest ledger must be
+  this run's, or an older one's entries would be read back."""
+  write_text_file(path, "".join(sorted(
+      json_line(e) + "\n" for e in keyed_entries[1] if e is not None)))
+  yield path
+
+
+class WriteExcludedLedger(beam.PTransform):
+  """{'files': listed SourceFiles, 'excluded': Excluded} -> this run's
+  ledger: every flagged or rejected listed file, with the facts it was
+  listed with (failed files are not recorded: they are tried again)."""
+
+  def __init__(self, path: str, rules: str, run_id: str):
+    super().__init__()
+    self.path = path
+    self.rules = rules
+    self.run_id = run_id
+
+  def expand(self, inputs):
+    by_path = (inputs["excluded"]
+               | "FlaggedOrRejected" >> beam.Filter(
+                   lambda e: e.status in (FLAGGED, REJECTED))
+               | "ByPath" >> beam.Map(lambda e: (e.path, e)))
+    entries = inputs["files"] | "Entries" >> beam.FlatMap(
+        _ledger_entry, beam.pvalue.AsDict(by_path), self.rules, self.run_id)
+    always = entries.pipeline | "Always" >> beam.Create([None])
+    return ((entries, always)
+            | "WithStart" >> beam.Flatten()
+            | "OneKey" >> beam.Map(lambda e: (None, e))
+            | "Collect" >> beam.GroupByKey()
+            | "Write" >> beam.FlatMap(_write_ledger, self.path))
+
