@@ -19,6 +19,7 @@ from apache_beam.options.pipeline_options import (PipelineOptions,
 from pipeline import __version__
 from transforms import dicom, discover, phi, studies
 from transforms.archive_format import DEFAULT_COMPRESSION_LEVEL
+from transforms.lease import DEFAULT_LEASE_SECONDS
 from transforms.keys import (UnsafeKeyComponent, check_collection,
                              check_key_component, join_uri)
 
@@ -117,6 +118,15 @@ class StorageOptions(PipelineOptions):
         help="Read every file, even of entity folders that are unchanged "
              "since earlier runs (same paths, sizes and modification times "
              "or generations): what --overwrite does too.")
+    parser.add_argument(
+        "--on_busy", choices=["exit", "wait"], default="exit",
+        help="When another run holds the collection's lease: exit at once "
+             "with status 3 (default), or wait for it.")
+    parser.add_argument(
+        "--lease_seconds", type=float, default=DEFAULT_LEASE_SECONDS,
+        help="How long the collection's lease outlives its last renewal "
+             "(renewed every third of it): a killed run blocks the next one "
+             f"at most this long. Default: {DEFAULT_LEASE_SECONDS}.")
     parser.add_argument(
         "--plan", type=_flag, nargs="?", const=True, default=False,
         help="A dry run for review: list, read headers, apply the PHI rules, "
@@ -229,6 +239,8 @@ class RunConfig:
   bigquery_table: Optional[str]       # PROJECT:DATASET.TABLE
   bigquery_method: str
   plan: bool = False                  # decide, write nothing but the report
+  on_busy: str = "exit"               # another run holds the lease: or wait
+  lease_seconds: float = DEFAULT_LEASE_SECONDS
   # Fingerprint of what decides each file's outcome (PHI rules, deid recipe,
   # item id, pipeline version): recorded facts made under other rules are
   # not reused.
@@ -268,6 +280,8 @@ def resolve(opts: StorageOptions, run_id: str) -> RunConfig:
     dicom.check_keyword(opts.item_id)
   except ValueError as e:
     raise OptionsError(f"--item_id: {e}") from e
+  if opts.lease_seconds < 3:
+    raise OptionsError("--lease_seconds must be at least 3")
   if not 0 <= opts.compression_level <= 3:
     raise OptionsError("--compression_level must be 0, 1, 2 or 3")
   recipe_text = None
@@ -308,6 +322,7 @@ def resolve(opts: StorageOptions, run_id: str) -> RunConfig:
       overwrite=bool(opts.overwrite), full_scan=bool(opts.full_scan),
       bigquery_table=table,
       bigquery_method=opts.bigquery_method, plan=bool(opts.plan),
+      on_busy=opts.on_busy, lease_seconds=opts.lease_seconds,
       rules_id=rules_fingerprint(rules, recipe_text, opts.item_id))
 
 

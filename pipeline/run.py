@@ -44,6 +44,7 @@ from transforms.gcs import blob_for, storage_client
 from transforms.discover import (DiscoverEntityFiles, InputError,
                                  check_input_roots, listing_patterns)
 from transforms.keys import join_uri
+from transforms.lease import CollectionBusy, Lease
 from transforms.phi import FlagPhiByHeader, FlagPhiByPath
 from transforms.progress import PROGRESS_DIR_ENV, read_progress
 from transforms.report import (WriteRunReport, format_summary, read_report,
@@ -227,7 +228,7 @@ def build(p: beam.Pipeline, config: RunConfig, run_id: str,
         *excluded, planned[EXCLUDED]] | "AllExcluded" >> beam.Flatten())
   else:
     written = grouped["studies"] | "WriteStudyArchive" >> WriteStudyArchive(
-        config.bucket, config.compression_level, config.overwrite)
+        config.bucket, config.compression_level, config.overwrite, run_id)
     rows = written.stored | "BuildRows" >> BuildRows(
         config.collection, run_id, __version__, config.rules_id)
     checked = rows | "CheckRows" >> CheckRows()
@@ -285,8 +286,8 @@ def run(argv: Optional[List[str]] = None,
                        "the bucket)")
   if console:
     console.line(start_line(config, run_id))
-  with run_log(config.log), _local_run_folders(runner, run_id) as (
-      spill_dir, progress_dir):
+  with _lease(config, run_id), run_log(config.log), _local_run_folders(
+      runner, run_id) as (spill_dir, progress_dir):
     p = beam.Pipeline(runner=runner, options=options)
     build(p, config, run_id, spill_dir, read_current)
     progress = StorageProgress(len(listing_patterns(
@@ -326,6 +327,22 @@ def start_line(config: RunConfig, run_id: str) -> str:
 
 
 @contextlib.contextmanager
+def _lease(config: RunConfig, run_id: str) -> Iterator[None]:
+  """The collection's lease for the run (transforms/lease.py); a plan
+  writes nothing and takes none."""
+  if config.plan:
+    yield
+    return
+  lease = Lease(config.bucket, config.collection, run_id,
+                config.lease_seconds)
+  lease.acquire(wait=config.on_busy == "wait")
+  try:
+    yield
+  finally:
+    lease.release()
+
+
+@contextlib.contextmanager
 def _local_run_folders(runner, run_id: str
                        ) -> Iterator[Tuple[Optional[str], Optional[str]]]:
   """A local run's own folders under TMPDIR, deleted when it ends whatever
@@ -362,6 +379,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     except OptionsError as e:
       console.line(f"error: {e}", sys.stderr)
       return 2
+    except CollectionBusy as e:
+      console.line(f"error: {e}; run again later, or with --on_busy=wait",
+                   sys.stderr)
+      return 3
   console.line(format_summary(report))
   for line in where_lines(report):
     console.line(line)

@@ -9,6 +9,7 @@ import shutil
 import tarfile
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -97,7 +98,8 @@ def test_killed_run_then_rerun_equals_clean_run(emulators, sample, clean,
   root, _ = sample
   name = "kill" + crash_at.replace("_", "").replace(":", "")
   emulators["create_bucket"](name)
-  argv = [sys.executable, "-m", "pipeline", *_argv(root, name)]
+  argv = [sys.executable, "-m", "pipeline", *_argv(root, name),
+          "--lease_seconds=3"]
   # A killed run cannot delete its header spill: keep it in tmp_path.
   killed = subprocess.run(argv, cwd=REPO, capture_output=True, text=True,
                           env={**os.environ, "DICOM_STORAGE_CRASH_AT": crash_at,
@@ -107,6 +109,74 @@ def test_killed_run_then_rerun_equals_clean_run(emulators, sample, clean,
     with tarfile.open(fileobj=io.BytesIO(blob.download_as_bytes()),
                       mode="r:gz") as archive:
       assert archive.getnames()[-1].endswith("/manifest.json")
-  rerun = subprocess.run(argv, cwd=REPO, capture_output=True, text=True)
+  # The killed run's lease outlives it by 3 s: the re-run waits for that.
+  rerun = subprocess.run(argv + ["--on_busy=wait"], cwd=REPO,
+                         capture_output=True, text=True)
   assert rerun.returncode == 0, rerun.stderr[-3000:]
   assert_same_state(_state(name), clean)
+
+
+def test_nothing_changed_reads_nothing_and_a_change_is_read(emulators, sample,
+                                                           tmp_path):
+  """On Cloud Storage input (listed with generations) and BigQuery rows:
+  an unchanged entity is not read; a changed file makes its entity read,
+  and the result is a clean run's."""
+  src, made = sample
+  emulators["create_bucket"]("incr-in")
+  emulators["create_bucket"]("incr")
+  upload = lambda: [storage_client().bucket("incr-in").blob(  # noqa: E731
+      f"in/{p.relative_to(src).as_posix()}").upload_from_filename(str(p))
+                    for p in sorted(src.rglob("*")) if p.is_file()]
+  upload()
+  argv = ["--input=gs://incr-in/in", "--bucket=gs://incr",
+          "--collection=IRB41449", f"--bigquery_table={PROJECT}:INCR.dicom",
+          *IN_PROCESS]
+  run(argv)
+  generations = {k: b.generation for k, b in _blobs("incr").items()}
+  again = run(argv)
+  s = again["summary"]
+  assert s["input_bytes_read"] == 0 and s["files_not_read"] == 44
+  assert s["objects"] == 0 and s["rows"] == 0
+  assert {k: b.generation for k, b in _blobs("incr").items()} == generations
+  # The same bytes uploaded again: a new generation, so its entity is read
+  # (and its objects, unchanged, are skipped).
+  one = made["kept"][0]
+  storage_client().bucket("incr-in").blob(
+      f"in/{one.path.relative_to(src).as_posix()}").upload_from_filename(
+          str(one.path))
+  third = run(argv)
+  entity_files = sum(1 for p in (src / one.entity).rglob("*") if p.is_file())
+  assert third["summary"]["files_not_read"] == 44 - entity_files
+  assert third["summary"]["objects"] == 0
+  assert_same_state(_state("incr"), _state_of_clean(emulators, src))
+
+
+def _state_of_clean(emulators, src):
+  emulators["create_bucket"]("incrclean")
+  run([f"--input={src}", "--bucket=gs://incrclean", "--collection=IRB41449",
+       f"--bigquery_table={PROJECT}:INCRCLEAN.dicom", *IN_PROCESS])
+  return _state("incrclean")
+
+
+def test_the_lease_on_cloud_storage(emulators, sample):
+  """One holder at a time, by generation preconditions; an expired lease is
+  taken over; a run finding the lease held exits 3."""
+  from transforms.lease import CollectionBusy, Lease
+  root, _ = sample
+  emulators["create_bucket"]("leased")
+  first = Lease("gs://leased", "IRB41449", "run-a", seconds=3)
+  first.acquire()
+  with pytest.raises(CollectionBusy, match="run run-a on "):
+    Lease("gs://leased", "IRB41449", "run-b", seconds=3).acquire()
+  done = subprocess.run(
+      [sys.executable, "-m", "pipeline", *_argv(root, "leased")], cwd=REPO,
+      capture_output=True, text=True)
+  assert done.returncode == 3 and "collection busy: run run-a" in done.stderr
+  # Killed: no more renewals, nothing released. After 3 s it is taken over.
+  first._stop.set()  # pylint: disable=protected-access
+  time.sleep(3.2)
+  second = Lease("gs://leased", "IRB41449", "run-b", seconds=3)
+  second.acquire()
+  second.release()
+  assert storage_client().bucket("leased").get_blob(
+      "Runs/IRB41449/lease.json") is None

@@ -102,7 +102,8 @@ def test_a_killed_run_then_a_rerun_equals_a_clean_run(sample, tmp_path, crash_at
   out = tmp_path / "out"
   argv = [sys.executable, "-m", "pipeline", f"--input={root}",
           f"--bucket={out / 'bucket'}", "--collection=IRB41449",
-          f"--metadata_output={out / 'metadata'}", *IN_PROCESS]
+          f"--metadata_output={out / 'metadata'}", *IN_PROCESS,
+          "--lease_seconds=3"]
   # A killed run cannot delete its header spill: keep it in tmp_path.
   killed = subprocess.run(argv, cwd=REPO, capture_output=True, text=True,
                           env={**os.environ, "DICOM_STORAGE_CRASH_AT": crash_at,
@@ -112,7 +113,9 @@ def test_a_killed_run_then_a_rerun_equals_a_clean_run(sample, tmp_path, crash_at
   for obj in (out / "bucket").rglob("*.tar.gz"):
     archive_members(obj)
   in_place = sorted((out / "bucket").rglob("*.tar.gz"))
-  rerun = subprocess.run(argv, cwd=REPO, capture_output=True, text=True)
+  # The killed run's lease outlives it by 3 s: the re-run waits for that.
+  rerun = subprocess.run(argv + ["--on_busy=wait"], cwd=REPO,
+                         capture_output=True, text=True)
   assert rerun.returncode == 0, rerun.stderr[-2000:]
   # The summary says what the re-run did: objects left in place had only
   # their rows written (the killed run wrote none); the others were written.

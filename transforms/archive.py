@@ -165,10 +165,12 @@ class _WriteStudyArchive(beam.DoFn):
   """Writes a study's object unless it is already stored; yields what rows
   need (StoredStudy), or the skipped study on the 'skipped' output."""
 
-  def __init__(self, bucket: str, level: int, overwrite: bool):
+  def __init__(self, bucket: str, level: int, overwrite: bool,
+               run_id: str = "run"):
     self.bucket = bucket
     self.level = level
     self.overwrite = overwrite
+    self.run_id = run_id
     self.gcs = None
     self.objects = Count("objects_written")
     self.skipped = Count("studies_skipped")
@@ -232,7 +234,10 @@ class _WriteStudyArchive(beam.DoFn):
     # elsewhere write beside it and rename, so no partial object ever shows
     # under the key schema.
     atomic = FileSystems.get_scheme(uri) == "gs"
-    tmp = uri if atomic else uri + ".partial"
+    # A name of this run's own: two writers never share a partial file.
+    tmp = uri if atomic else f"{uri}.{self.run_id}.partial"
+    if not atomic:
+      _remove_partials(uri)   # left by killed runs (this run holds the lease)
     created = False
     try:
       # UNCOMPRESSED: by default FileSystems would gzip a .gz path again.
@@ -287,6 +292,20 @@ class _WriteStudyArchive(beam.DoFn):
         written_at=utc_timestamp(meta.last_updated_in_seconds))
 
 
+def _remove_partials(uri: str) -> None:
+  """<key>.<run id>.partial files of killed runs (and the <key>.partial of
+  earlier versions), found without globbing: a key may hold glob
+  characters."""
+  folder, name = os.path.split(uri)
+  try:
+    names = os.listdir(folder)
+  except OSError:
+    return
+  for other in names:
+    if other.startswith(name + ".") and other.endswith(".partial"):
+      os.unlink(os.path.join(folder, other))
+
+
 class _Discard:
   def write(self, data: bytes) -> None:
     del data
@@ -310,15 +329,16 @@ class WriteStudyArchive(beam.PTransform):
   ('excluded')."""
 
   def __init__(self, bucket: str, level: int = DEFAULT_COMPRESSION_LEVEL,
-               overwrite: bool = False):
+               overwrite: bool = False, run_id: str = "run"):
     super().__init__()
     self.bucket = bucket
     self.level = level
     self.overwrite = overwrite
+    self.run_id = run_id
 
   def expand(self, studies):
     return studies | "WriteArchive" >> beam.ParDo(_WriteStudyArchive(
-        self.bucket, self.level, self.overwrite)).with_outputs(
+        self.bucket, self.level, self.overwrite, self.run_id)).with_outputs(
             EXCLUDED_TAG, SKIPPED_TAG, main="stored")
 
 

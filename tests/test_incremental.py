@@ -1,0 +1,215 @@
+"""Scheduled runs: unchanged entity folders are not read again, a change
+is handled as a full run handles it, and runs that overlap never trip over
+each other (the collection's lease)."""
+import copy
+import datetime
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from conftest import IN_PROCESS, read_rows, run_pipeline
+from devtools.sample_data import fresh_uid
+from reruns import add_image_to_study, current_rows_key
+from test_reruns_local import _current_rows
+from transforms.report import read_stored_listing
+
+REPO = Path(__file__).parents[1]
+
+
+@pytest.fixture
+def changing(sample, tmp_path):
+  """A copy of the sample, stored once, to change."""
+  root, made = sample
+  copy_root = tmp_path / "input"
+  shutil.copytree(root, copy_root)
+  first = run_pipeline(copy_root, tmp_path / "out")
+  return copy_root, made, tmp_path / "out", first
+
+
+def _mtimes(out: Path):
+  return {p: p.stat().st_mtime_ns for p in (out / "bucket").rglob("*.tar.gz")}
+
+
+def test_nothing_changed_nothing_read_nothing_written(changing):
+  root, made, out, first = changing
+  before = _mtimes(out)
+  again = run_pipeline(root, out)
+  s = again["summary"]
+  assert s["input_bytes_read"] == 0 and s["header_bytes_spilled"] == 0
+  assert s["files_not_read"] == 44 and s["studies_not_read"] == 6
+  assert s["objects"] == 0 and s["rows"] == 0 and s["studies_skipped"] == 6
+  assert _mtimes(out) == before
+  # Every file still has its outcome: stored where it was, or the recorded
+  # reason, marked as not read again.
+  assert read_stored_listing(again) == read_stored_listing(first)
+  for status in ("flagged", "rejected"):
+    assert [(e["path"], e["reason"]) for e in again[status]] == [
+        (e["path"], e["reason"]) for e in first[status]]
+    assert all(e["not_reread_since"] == first["run_id"] for e in again[status])
+  # --full_scan reads everything again (and, the objects unchanged, skips).
+  full = run_pipeline(root, out, "--full_scan")
+  assert full["summary"]["files_not_read"] == 0
+  assert full["summary"]["input_bytes_read"] > 0
+  assert full["summary"]["studies_skipped"] == 6
+
+
+def _add_file(root, made):
+  add_image_to_study(dataclass_in(made["kept"][0], root))
+
+
+def _modify_file(root, made):
+  path = dataclass_in(made["kept"][7], root).path
+  ds = pydicom.dcmread(path)
+  ds.StudyDescription = "re-exported with a new description"
+  ds.save_as(path, enforce_file_format=True)
+
+
+def _remove_file(root, made):
+  dataclass_in(made["kept"][13], root).path.unlink()
+
+
+def _move_study(root, made):
+  """SUBJ003's second study moves to a new entity folder."""
+  study = dataclass_in(made["kept"][-1], root).path.parents[1]
+  target = root / "SUBJ004" / study.name
+  target.parent.mkdir()
+  shutil.move(str(study), str(target))
+
+
+def dataclass_in(instance, root):
+  """A sample instance, at its place in the copy."""
+  clone = copy.copy(instance)
+  clone.path = root / Path(*instance.path.parts[-4:])
+  return clone
+
+
+def _state(out: Path):
+  bucket = out / "bucket"
+  objects = {p.relative_to(bucket).as_posix(): p.read_bytes()
+             for p in bucket.rglob("*.tar.gz")}
+  return objects, current_rows_key(_current_rows(out / "metadata"))
+
+
+@pytest.mark.parametrize("change", [_add_file, _modify_file, _remove_file,
+                                    _move_study])
+def test_a_change_is_handled_as_a_full_scan_handles_it(sample, tmp_path,
+                                                       change):
+  root, made = sample
+  results = {}
+  for mode in ("incremental", "full"):
+    work = tmp_path / mode
+    shutil.copytree(root, work / "input")
+    run_pipeline(work / "input", work / "out")
+    change(work / "input", made)
+    extra = ["--full_scan"] if mode == "full" else []
+    results[mode] = (run_pipeline(work / "input", work / "out", *extra),
+                     _state(work / "out"))
+  (incremental, state), (full, full_state) = results["incremental"], results[
+      "full"]
+  assert state == full_state
+  for key in ("objects", "studies", "kept", "flagged", "rejected",
+              "objects_rows_completed"):
+    assert incremental["summary"][key] == full["summary"][key], key
+  # Only the changed entity was read: the others' files were not.
+  assert 0 < incremental["summary"]["files_not_read"] < 44
+  assert incremental["summary"]["input_bytes_read"] < full["summary"][
+      "input_bytes_read"]
+
+
+def test_a_new_entity_alone_is_read(changing):
+  root, made, out, _ = changing
+  new = root / "SUBJ009" / "study1"
+  new.mkdir(parents=True)
+  source = pydicom.dcmread(made["kept"][0].path)
+  for i in range(3):
+    ds = copy.deepcopy(source)
+    ds.StudyInstanceUID = fresh_uid("new-entity")
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = fresh_uid(
+        "new-entity", i)
+    ds.save_as(new / f"i{i}.dcm", enforce_file_format=True)
+  again = run_pipeline(root, out)
+  s = again["summary"]
+  new_bytes = sum(p.stat().st_size for p in new.iterdir())
+  assert s["objects"] == 1 and s["files_not_read"] == 44
+  assert new_bytes <= s["input_bytes_read"] < new_bytes * 2
+
+
+# --- runs that overlap -----------------------------------------------------
+
+def _cli(root, out, *extra, env=None):
+  return subprocess.Popen(
+      [sys.executable, "-m", "pipeline", f"--input={root}",
+       f"--bucket={out / 'bucket'}", "--collection=IRB41449",
+       f"--metadata_output={out / 'metadata'}", *IN_PROCESS, *extra],
+      cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+      env={**os.environ, **(env or {})})
+
+
+def _lease(out: Path) -> Path:
+  return out / "bucket" / "Runs" / "IRB41449" / "lease.json"
+
+
+def _wait_for(path: Path, process, limit: float = 60):
+  deadline = time.monotonic() + limit
+  while not path.exists():
+    assert process.poll() is None, process.communicate()
+    assert time.monotonic() < deadline
+    time.sleep(0.05)
+
+
+def test_a_second_run_finds_the_collection_busy(sample, tmp_path):
+  root, made = sample
+  out = tmp_path / "out"
+  first = _cli(root, out)
+  _wait_for(_lease(out), first)
+  holder = json.loads(_lease(out).read_text())
+  second = _cli(root, out)
+  _, err = second.communicate(timeout=120)
+  assert second.returncode == 3
+  assert err.strip().splitlines()[-1].startswith(
+      f"error: collection busy: run {holder['run_id']} on ")
+  assert first.wait(timeout=300) == 0
+  assert not _lease(out).exists()
+  # With --on_busy=wait, a run started meanwhile waits, then skips all.
+  third = _cli(root, out, "--on_busy=wait", "--full_scan")
+  _wait_for(_lease(out), third)
+  fourth = _cli(root, out, "--on_busy=wait")
+  assert third.wait(timeout=300) == 0
+  out_text, err = fourth.communicate(timeout=300)
+  assert fourth.returncode == 0, err
+  assert "0 objects written" in out_text and "6 skipped" in out_text
+  assert len(read_rows(out / "metadata")) == len(made["kept"])
+
+
+def test_a_killed_runs_lease_expires_and_the_next_run_proceeds(sample,
+                                                              tmp_path):
+  root, made = sample
+  out = tmp_path / "out"
+  killed = _cli(root, out, "--lease_seconds=8",
+                env={"DICOM_STORAGE_CRASH_AT": "object_written:2",
+                     "TMPDIR": str(tmp_path)})
+  killed.communicate(timeout=300)
+  assert killed.returncode == -9
+  left = json.loads(_lease(out).read_text())   # left behind
+  busy = _cli(root, out)
+  busy.communicate(timeout=120)
+  assert busy.returncode == 3   # not expired yet
+  expires = datetime.datetime.fromisoformat(left["expires"].replace(
+      "Z", "+00:00"))
+  time.sleep(max(0.0, (expires - datetime.datetime.now(
+      datetime.timezone.utc)).total_seconds()) + 0.5)
+  after = _cli(root, out)
+  out_text, err = after.communicate(timeout=300)
+  assert after.returncode == 0, err
+  assert not _lease(out).exists()
+  assert not list((out / "bucket").rglob("*.partial"))
+  clean = tmp_path / "clean"
+  run_pipeline(root, clean)
+  assert _state(out) == _state(clean)
