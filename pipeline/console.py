@@ -22,7 +22,8 @@ import threading
 import time
 from typing import Callable, Dict, Iterator, Optional, TextIO
 
-from apache_beam.io.filesystems import FileSystems
+from transforms.files import is_local
+
 
 PLAIN_EVERY_S = 30.0
 LIVE_EVERY_S = 0.5
@@ -162,7 +163,7 @@ class _LogFileFormatter(logging.Formatter):
 def run_log(uri: str) -> Iterator[str]:
   """Every log record (INFO and up) of the block, in the file at uri (a
   local path, or gs://: written locally and copied there at the end)."""
-  remote = FileSystems.get_scheme(uri) not in (None, "file")
+  remote = not is_local(uri)
   if remote:
     fd, path = tempfile.mkstemp(prefix="dicomstore-", suffix=".log")
     os.close(fd)
@@ -187,6 +188,7 @@ def run_log(uri: str) -> Iterator[str]:
     handler.close()
     if remote:
       try:
+        from apache_beam.io.filesystems import FileSystems
         with open(path, "rb") as f, FileSystems.create(uri) as out:
           shutil.copyfileobj(f, out)
       finally:

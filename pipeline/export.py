@@ -16,7 +16,7 @@ import threading
 from typing import List, Optional
 
 from pipeline.console import Console, duration, live_progress, megabytes
-from pipeline.options import TABLE_PATTERN, OneLineParser
+from pipeline.cli import TABLE_PATTERN, OneLineParser
 from transforms.access import AccessError, check_cloud_access
 from transforms.export import (DEFAULT_WORKERS, FAILED, LAYOUTS, MANIFEST,
                                ExportStats, count_sql, export_cohort,

@@ -8,8 +8,6 @@ import hashlib
 import json
 import os
 import posixpath
-import re
-import sys
 from typing import List, Optional
 
 from apache_beam.io.filesystems import FileSystems
@@ -17,23 +15,12 @@ from apache_beam.options.pipeline_options import (PipelineOptions,
                                                   _BeamArgumentParser)
 
 from pipeline import __version__
+from pipeline.cli import TABLE_PATTERN, OptionsError, env_bucket  # noqa: F401
 from transforms import dicom, discover, phi, studies
 from transforms.archive_format import DEFAULT_COMPRESSION_LEVEL
 from transforms.lease import DEFAULT_LEASE_SECONDS
 from transforms.keys import (UnsafeKeyComponent, check_collection,
                              check_key_component, join_uri)
-
-
-class OptionsError(ValueError):
-  """A bad option: reported as one line naming it, before any work."""
-
-
-def env_bucket() -> Optional[str]:
-  # The original config named a bare bucket ('som-pacs'); that means gs://.
-  value = os.environ.get("GOOGLE_CLOUD_STORAGE")
-  if value and "://" not in value and not value.startswith("/"):
-    return "gs://" + value
-  return value
 
 
 def _flag(value: str) -> bool:
@@ -145,15 +132,6 @@ class StorageOptions(PipelineOptions):
         choices=["STREAMING_INSERTS", "FILE_LOADS"],
         help="How rows reach BigQuery: STREAMING_INSERTS (as studies finish) "
              "or FILE_LOADS (load jobs, for large backfills).")
-
-
-class OneLineParser(argparse.ArgumentParser):
-  """The commands' parser (export, verify): a bad argument is one line,
-  'error: ...', and exit status 2, as for a run."""
-
-  def error(self, message):
-    sys.stderr.write(f"error: {message} (see --help)\n")
-    sys.exit(2)
 
 
 class _RaisingParser(_BeamArgumentParser):
@@ -333,11 +311,6 @@ def rules_fingerprint(rules: List[str], recipe_text: Optional[str],
                      "item_id": item_id, "version": __version__},
                     sort_keys=True)
   return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
-
-
-TABLE_PATTERN = re.compile(
-    r"^(?P<project>[a-z][a-z0-9.:-]{4,61}[a-z0-9]):(?P<dataset>[A-Za-z0-9_]{1,1024})"
-    r"\.(?P<table>[A-Za-z0-9_]{1,1024})$")
 
 
 def bigquery_table(opts: StorageOptions) -> Optional[str]:

@@ -34,7 +34,7 @@ from pipeline.options import (OptionsError, RunConfig, StorageOptions,
 from transforms import report_html
 from transforms.access import AccessError, check_cloud_access, explain_forbidden
 from transforms.archive import PlanStudyArchive, WriteStudyArchive
-from transforms.bigquery import (IncompatibleTable, WriteRowsBigQuery,
+from transforms.bigquery import (IncompatibleTable,
                                  ensure_dataset_and_view, table_exists)
 from transforms.bigquery_emulator import (use_emulator_if_configured,
                                           worker_plugin_args)
@@ -52,8 +52,8 @@ from transforms.report import (WriteRunReport, format_summary, read_report,
 from transforms.rows import BuildRows
 from transforms.shortcut import (EntityShortcut, ReadExcludedLedger,
                                  WriteExcludedLedger, ledger_path)
-from transforms.sinks import (CheckRows, WriteDeadLetters, WriteRowsLocal,
-                              write_text_file)
+from transforms.sinks import (CheckRows, WriteDeadLetters, WriteRowsBigQuery,
+                              WriteRowsLocal, write_text_file)
 from transforms.studies import GroupStudies
 
 EXCLUDED = "excluded"

@@ -27,8 +27,8 @@ from apache_beam.io.filesystems import FileSystems
 from pipeline import __version__
 from pipeline.console import (Console, duration, live_progress, megabytes,
                               run_log)
-from pipeline.options import (TABLE_PATTERN, OneLineParser, OptionsError,
-                              env_bucket)
+from pipeline.cli import (TABLE_PATTERN, OneLineParser, OptionsError,
+                          env_bucket)
 from transforms import report_html
 from transforms.access import AccessError, check_cloud_access
 from transforms.keys import UnsafeKeyComponent, check_collection, join_uri

@@ -18,13 +18,12 @@ from apache_beam.testing.util import assert_that, equal_to
 
 from conftest import IN_PROCESS, PROJECT, local_pipeline
 from pipeline.run import main, run
-from transforms.bigquery import (WriteRowsBigQuery, bigquery_client,
-                                 ensure_dataset_and_view)
+from transforms.bigquery import bigquery_client, ensure_dataset_and_view
 from transforms.gcs import storage_client
 from transforms.keys import STUDY_OBJECT_KEY_PATTERN
 from transforms.report import read_stored_listing
 from transforms.schema import TABLE_SCHEMA
-from transforms.sinks import CheckRows
+from transforms.sinks import CheckRows, WriteRowsBigQuery
 
 REPO = Path(__file__).parents[1]
 QUERIES = REPO / "queries"

@@ -60,6 +60,8 @@ MISTAKES = {
     "verbose": ["yes", "1"],
     "plan": ["yes", "TRUE"],
     "full_scan": ["yes", "on"],
+    "on_busy": ["stop", "Wait"],
+    "lease_seconds": ["ten", "-5"],
 }
 
 

@@ -214,10 +214,10 @@ def manifest_bytes(study: Study, members: List[MemberLocation]) -> bytes:
 
 def unpack_member(data: bytes) -> Tuple[str, bytes]:
   """The (name, content) of the one tar entry in one gzip member."""
-  d = zlib.decompressobj(31)
+  d = isal_zlib.decompressobj(31)   # ISA-L: twice zlib's speed
   try:
     raw = d.decompress(data) + d.flush()
-  except zlib.error as e:
+  except (zlib.error, isal_zlib.error) as e:
     raise RetrievalError(f"not a gzip member: {e}") from e
   if not d.eof or d.unused_data:
     raise RetrievalError("range does not hold exactly one gzip member")

@@ -1,4 +1,6 @@
-"""Rows to BigQuery with WriteToBigQuery, and the table's "current" view.
+"""The rows' BigQuery table and its "current" view: made, checked and
+queried (rows are written by sinks.WriteRowsBigQuery). No Beam here, so
+that the commands that only query (export, verify, fetch) start quickly.
 
 The table `<collection>.dicom` is append-only: every time a study object is
 written, its rows are appended with storage.written_at set to that object's
@@ -9,14 +11,10 @@ streaming de-duplication: a row inserted twice, or rows of a superseded
 object, are never "current". See the README ("Re-runs").
 """
 
-import json
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
-import apache_beam as beam
-from apache_beam.io.gcp.bigquery_tools import RetryStrategy
-
 from transforms import bigquery_emulator
-from transforms.schema import METADATA, TABLE_SCHEMA
+from transforms.schema import TABLE_SCHEMA
 
 # Month partitions by study date (a day per partition would pass BigQuery's
 # partition limit over decades of studies); clustered for the lookups
@@ -175,47 +173,3 @@ def find_row_in_table(table: str, sop_instance_uid: str) -> Optional[dict]:
       WHERE sop_instance_uid = @sop
       ORDER BY storage.written_at DESC LIMIT 1""", {"sop": sop_instance_uid}))
   return {"storage": rows[0]} if rows else None
-
-
-def _dead_letter(failed) -> Dict[str, Any]:
-  _, row, errors = failed
-  return {"stage": "bigquery insert",
-          "error": json.dumps(errors, default=str),
-          "sop_instance_uid": row.get("sop_instance_uid"), "row": row}
-
-
-def _metadata_as_object(row: Dict[str, Any]) -> Dict[str, Any]:
-  return {**row, METADATA: json.loads(row[METADATA])}
-
-
-class WriteRowsBigQuery(beam.PTransform):
-  """Rows -> BigQuery; returns the rows BigQuery refused, as dead letters.
-
-  Streaming inserts retry transient errors only (RETRY_ON_TRANSIENT_ERROR):
-  a row refused for good is returned, never retried forever, never dropped.
-  """
-
-  def __init__(self, table: str, method: str = "STREAMING_INSERTS"):
-    super().__init__()
-    self.table = table
-    self.method = method
-
-  def expand(self, rows):
-    if self.method != "STREAMING_INSERTS":
-      # A load job takes a JSON column as the nested value; a streaming
-      # insert as JSON text, which rows carry already.
-      rows = rows | "MetadataAsObject" >> beam.Map(_metadata_as_object)
-    result = rows | "WriteToBigQuery" >> beam.io.WriteToBigQuery(
-        table=self.table,
-        schema=TABLE_SCHEMA,
-        create_disposition=beam.io.BigQueryDisposition.CREATE_IF_NEEDED,
-        write_disposition=beam.io.BigQueryDisposition.WRITE_APPEND,
-        method=self.method,
-        insert_retry_strategy=RetryStrategy.RETRY_ON_TRANSIENT_ERROR,
-        additional_bq_parameters=TABLE_PARAMETERS)
-    if self.method == "STREAMING_INSERTS":
-      return (result.failed_rows_with_errors
-              | "RefusedRows" >> beam.Map(_dead_letter))
-    # Load jobs succeed or fail whole (and fail the run); rows were checked
-    # against the schema before, so none is refused row by row.
-    return rows.pipeline | "NoRefusedRows" >> beam.Create([])

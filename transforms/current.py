@@ -10,12 +10,10 @@ import json
 from typing import Dict, Iterable, List, NamedTuple, Optional, Tuple
 
 import apache_beam as beam
-from apache_beam.io.filesystems import FileSystems
 
-from transforms.keys import join_uri
 from transforms.records import rfc3339_utc
-from transforms.schema import METADATA
-from transforms.sinks import ROWS_PREFIX   # the files WriteRowsLocal writes
+from transforms.files import open_binary
+from transforms.schema import METADATA, row_files
 
 class CurrentRow(NamedTuple):
   """What later steps need of one current row. Its first six fields are
@@ -80,18 +78,13 @@ def newest_per_study(keyed: Iterable[Tuple[Tuple[str, str], tuple]]
   return {k: sorted(v.values()) for k, v in newest.items()}
 
 
-def row_files(metadata_dir: str) -> List[str]:
-  pattern = join_uri(metadata_dir, ROWS_PREFIX + "*.json")
-  return sorted(m.path for m in FileSystems.match([pattern])[0].metadata_list)
-
-
 _METADATA_AT_END = b', "' + METADATA.encode() + b'": '
 
 
 def _rows_in(path: str) -> Iterable[dict]:
   """The rows of one file, without their metadata: sinks.row_line writes it
   last, so the rest of the line parses alone, at a fraction of the cost."""
-  with FileSystems.open(path) as f:
+  with open_binary(path) as f:
     for line in f:
       if not line.strip():
         continue

@@ -256,8 +256,9 @@ def export_cohort(rows: Iterable[Dict[str, Any]], out: str, layout: str,
       images = list(group)
       for image in images:
         writer.writerow(_manifest_line(image, layout))
-      slots.acquire()   # rows are taken only as objects are handed out
-      futures.append(pool.submit(one_object, uri, images))
+      for part in _parts(images):
+        slots.acquire()   # rows are taken only as objects are handed out
+        futures.append(pool.submit(one_object, uri, part))
       done = [f for f in futures if f.done()]
       futures = [f for f in futures if not f.done()]
       for future in done:
@@ -268,6 +269,24 @@ def export_cohort(rows: Iterable[Dict[str, Any]], out: str, layout: str,
                                            for i, _ in failures})
   _write_failures(out, failures)
   return listed, failures
+
+
+# An object's images are handed out in parts of at most this many
+# compressed bytes, so that the images of one large study are read by
+# several threads at once (a request per run of adjacent members in each).
+PART_BYTES = 32 << 20
+
+
+def _parts(images: List[Selected]) -> Iterable[List[Selected]]:
+  part, size = [], 0
+  for image in sorted(images, key=lambda i: i.member_offset):
+    if part and size + image.member_length > PART_BYTES:
+      yield part
+      part, size = [], 0
+    part.append(image)
+    size += image.member_length
+  if part:
+    yield part
 
 
 def _manifest_line(image: Selected, layout: str) -> List[Any]:

@@ -16,8 +16,7 @@ import json
 from typing import Any, Dict, Iterator, List, Sequence, Tuple
 
 from transforms.bigquery import current_view_sql
-from transforms.current import row_files
-from transforms.schema import TABLE_SCHEMA
+from transforms.schema import TABLE_SCHEMA, row_files
 
 LOCAL_TABLES = ("dicom", "dicom_current")
 # Query parameters: @name, given as name=value (a STRING) or

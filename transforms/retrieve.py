@@ -12,12 +12,11 @@ pipeline.export (a cohort) both read and verify images this way.
 
 import collections
 import json
+import os
 from typing import (Any, Callable, Dict, Iterable, List, NamedTuple, Optional,
                     Sequence, Tuple)
 
-from apache_beam.io.filesystem import CompressionTypes
-from apache_beam.io.filesystems import FileSystems
-
+from transforms.files import is_local, open_binary
 from transforms.archive_format import (INDEX_TAIL_BYTES, RetrievalError,
                                        find_manifest, unpack_member,
                                        verified_image)
@@ -34,8 +33,7 @@ def read_range(uri: str, offset: int, length: int, gcs_client=None) -> bytes:
     data = blob.download_as_bytes(start=offset, end=offset + length - 1,
                                   checksum=None)
   else:
-    with FileSystems.open(
-        uri, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+    with open_binary(uri) as f:
       f.seek(offset)
       data = f.read(length)
   if len(data) != length:
@@ -113,8 +111,7 @@ def stream_range(uri: str, start: int, end: int, sink, gcs_client=None,
         name, generation=generation)
     blob.download_to_file(sink, start=start, end=end - 1, checksum=None)
     return
-  with FileSystems.open(
-      uri, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+  with open_binary(uri) as f:
     f.seek(start)
     remaining = end - start
     while remaining > 0:
@@ -179,6 +176,12 @@ def object_size(uri: str, gcs_client=None) -> Optional[int]:
     bucket, name = split_gs_uri(uri)
     blob = (gcs_client or storage_client()).bucket(bucket).get_blob(name)
     return None if blob is None else blob.size
+  if is_local(uri):
+    try:
+      return os.path.getsize(uri)
+    except OSError:
+      return None
+  from apache_beam.io.filesystems import FileSystems
   found = FileSystems.match([uri])[0].metadata_list
   return found[0].size_in_bytes if found else None
 
@@ -220,11 +223,11 @@ def find_row_in_files(lines: Iterable[str], sop_instance_uid: str
 def find_row_in_folder(metadata_dir: str, sop_instance_uid: str
                        ) -> Optional[Dict[str, Any]]:
   """The current row of one image among all runs' row files in a folder."""
-  from transforms.current import row_files
+  from transforms.schema import row_files
 
   def lines():
     for path in row_files(metadata_dir):
-      with FileSystems.open(path) as f:
+      with open_binary(path) as f:
         for line in f:
           yield line.decode("utf-8")
   return find_row_in_files(lines(), sop_instance_uid)

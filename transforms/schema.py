@@ -46,6 +46,15 @@ DICOM_COLUMNS: Tuple[Tuple[str, str, str], ...] = (
 
 METADATA = "metadata"
 INVALID_VALUES = "invalid_values"
+# Local rows: DIR/rows-<run id>-*.json (newline-delimited), DIR/schema.json.
+ROWS_PREFIX = "rows-"
+SCHEMA_FILE = "schema.json"
+
+
+def row_files(metadata_dir: str) -> List[str]:
+  """Every run's row files in a metadata folder, sorted."""
+  from transforms.files import matching
+  return matching(metadata_dir.rstrip("/") + "/" + ROWS_PREFIX + "*.json")
 
 
 def _field(name, type_, mode="NULLABLE", description=None, fields=None):

@@ -8,14 +8,15 @@ from typing import Any, Dict, Iterable
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
+from apache_beam.io.gcp.bigquery_tools import RetryStrategy
 from apache_beam.metrics import Metrics
 
+from transforms.bigquery import TABLE_PARAMETERS
 from transforms.keys import join_uri
-from transforms.schema import METADATA, row_errors, schema_json
+from transforms.schema import (METADATA, ROWS_PREFIX, SCHEMA_FILE,
+                               TABLE_SCHEMA, row_errors, schema_json)
 
 DEAD_LETTER_TAG = "dead_letter"
-ROWS_PREFIX = "rows-"
-SCHEMA_FILE = "schema.json"
 
 
 def dead_letter_record(row: Dict[str, Any], error: str, stage: str) -> Dict[str, Any]:
@@ -129,3 +130,47 @@ class WriteRowsLocal(beam.PTransform):
          | "WriteSchema" >> beam.Map(write_text_file, schema_json()))
     return rows | "WriteRows" >> WriteJsonLines(
         self.directory, f"{ROWS_PREFIX}{self.run_id}", row_line)
+
+
+def _dead_letter(failed) -> Dict[str, Any]:
+  _, row, errors = failed
+  return {"stage": "bigquery insert",
+          "error": json.dumps(errors, default=str),
+          "sop_instance_uid": row.get("sop_instance_uid"), "row": row}
+
+
+def _metadata_as_object(row: Dict[str, Any]) -> Dict[str, Any]:
+  return {**row, METADATA: json.loads(row[METADATA])}
+
+
+class WriteRowsBigQuery(beam.PTransform):
+  """Rows -> BigQuery; returns the rows BigQuery refused, as dead letters.
+
+  Streaming inserts retry transient errors only (RETRY_ON_TRANSIENT_ERROR):
+  a row refused for good is returned, never retried forever, never dropped.
+  """
+
+  def __init__(self, table: str, method: str = "STREAMING_INSERTS"):
+    super().__init__()
+    self.table = table
+    self.method = method
+
+  def expand(self, rows):
+    if self.method != "STREAMING_INSERTS":
+      # A load job takes a JSON column as the nested value; a streaming
+      # insert as JSON text, which rows carry already.
+      rows = rows | "MetadataAsObject" >> beam.Map(_metadata_as_object)
+    result = rows | "WriteToBigQuery" >> beam.io.WriteToBigQuery(
+        table=self.table,
+        schema=TABLE_SCHEMA,
+        create_disposition=beam.io.BigQueryDisposition.CREATE_IF_NEEDED,
+        write_disposition=beam.io.BigQueryDisposition.WRITE_APPEND,
+        method=self.method,
+        insert_retry_strategy=RetryStrategy.RETRY_ON_TRANSIENT_ERROR,
+        additional_bq_parameters=TABLE_PARAMETERS)
+    if self.method == "STREAMING_INSERTS":
+      return (result.failed_rows_with_errors
+              | "RefusedRows" >> beam.Map(_dead_letter))
+    # Load jobs succeed or fail whole (and fail the run); rows were checked
+    # against the schema before, so none is refused row by row.
+    return rows.pipeline | "NoRefusedRows" >> beam.Create([])

@@ -30,10 +30,8 @@ import threading
 from typing import (Any, Dict, FrozenSet, Iterable, Iterator, List, Optional,
                     Tuple)
 
-from apache_beam.io.filesystem import CompressionTypes
-from apache_beam.io.filesystems import FileSystems
-
 from transforms.archive_format import RetrievalError
+from transforms.files import open_binary
 from transforms.keys import STUDY_OBJECT_KEY_PATTERN, join_uri
 from transforms.retrieve import Member, member_runs, read_manifest, read_members
 
@@ -119,8 +117,7 @@ def sampled(key: str, offset: int, fraction: float) -> bool:
 
 def _local_md5(path: str) -> str:
   digest = hashlib.md5()
-  with FileSystems.open(path,
-                        compression_type=CompressionTypes.UNCOMPRESSED) as f:
+  with open_binary(path) as f:
     for chunk in iter(lambda: f.read(4 << 20), b""):
       digest.update(chunk)
   return base64.b64encode(digest.digest()).decode("ascii")
@@ -356,8 +353,7 @@ def verify_collection(objects: List[StoredObject],
 
 def sha256_of(path: str) -> str:
   digest = hashlib.sha256()
-  with FileSystems.open(path,
-                        compression_type=CompressionTypes.UNCOMPRESSED) as f:
+  with open_binary(path) as f:
     for chunk in iter(lambda: f.read(4 << 20), b""):
       digest.update(chunk)
   return digest.hexdigest()

@@ -1,0 +1,35 @@
+"""What every command line of the pipeline shares, without importing Beam
+(the commands that only read start in a fraction of a second)."""
+
+import argparse
+import os
+import re
+import sys
+from typing import Optional
+
+
+class OptionsError(ValueError):
+  """A bad option: reported as one line naming it, before any work."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+  """The commands' parser (export, verify): a bad argument is one line,
+  'error: ...', and exit status 2, as for a run."""
+
+  def error(self, message):
+    sys.stderr.write(f"error: {message} (see --help)\n")
+    sys.exit(2)
+
+
+TABLE_PATTERN = re.compile(
+    r"^(?P<project>[a-z][a-z0-9.:-]{4,61}[a-z0-9]):(?P<dataset>[A-Za-z0-9_]{1,1024})"
+    r"\.(?P<table>[A-Za-z0-9_]{1,1024})$")
+
+
+def env_bucket() -> Optional[str]:
+  """$GOOGLE_CLOUD_STORAGE; the original config named a bare bucket
+  ('som-pacs'), which means gs://som-pacs."""
+  value = os.environ.get("GOOGLE_CLOUD_STORAGE")
+  if value and "://" not in value and not value.startswith("/"):
+    return "gs://" + value
+  return value
