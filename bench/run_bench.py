@@ -58,6 +58,13 @@ REPO_DIR = BENCH_DIR.parent
 WORK_DIR = BENCH_DIR / ".work"
 RESULTS = BENCH_DIR / "results.json"
 METHODS = ("pipeline", "tar-gzip", "tar-pigz", "py-tarfile")
+CORPUS_NAMES = ("large", "small-files", "mixed", "tiny", "small-8000")
+# Methods by default: the original system's tarfile baseline (the slowest, over
+# a minute on large) only where it has always run.
+DEFAULT_METHODS = {"large": METHODS, "small-files": METHODS, "tiny": ("pipeline",)}
+NEW_CORPUS_METHODS = ("pipeline", "tar-gzip", "tar-pigz")
+TINY_TARGET_S = 1.5  # tiny: start-to-exit wall time of a whole run
+COLLECTION = "BENCH"
 MB = 10**6
 PAGE = os.sysconf("SC_PAGE_SIZE")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -251,12 +258,17 @@ def study_jobs(corpus: Corpus, out: Path, lists: Path | None = None) -> list[Stu
     return jobs
 
 
+def pipeline_command(input_dir: Path, out: Path, report: str = "report.json") -> list[str]:
+    """The pipeline's plain command line: objects in out/bucket, rows in out/rows."""
+    return [sys.executable, "-m", "pipeline", "--input", str(input_dir),
+            "--bucket", str(out / "bucket"), "--collection", COLLECTION,
+            "--metadata_output", str(out / "rows"), "--report", str(out / report)]
+
+
 def method_command(method: str, corpus: Corpus, out: Path, work: Path) -> list[str]:
     """The command for one method; baselines get their per-study scripts here."""
     if method == "pipeline":
-        return [sys.executable, "-m", "pipeline", "--input", str(corpus.input),
-                "--bucket", str(out / "bucket"), "--collection", "BENCH",
-                "--metadata_output", str(out / "rows"), "--report", str(out / "report.json")]
+        return pipeline_command(corpus.input, out)
     if method == "py-tarfile":
         jobs = {"input": str(corpus.input),
                 "studies": [{"out": str(a), "files": f} for a, f, _ in study_jobs(corpus, out)]}
@@ -341,7 +353,15 @@ def check_pipeline(corpus: Corpus, out: Path, ratio: bool) -> dict[str, Any]:
     if objects and checks["instances_reported"] != corpus.manifest["files"]:
         problems.append(f"report counts {checks['instances_reported']} instances, "
                         f"corpus has {corpus.manifest['files']}")
-    read = report.get("summary", {}).get("input_bytes_read")
+    summary = report.get("summary", {})
+    bad = corpus.manifest.get("bad_files", [])  # in the input, in no study: each must be rejected
+    checks["bad_files"] = len(bad)
+    if report and (summary.get("rejected"), summary.get("flagged")) != (len(bad), 0):
+        problems.append(f"report: {summary.get('rejected')} rejected, {summary.get('flagged')} flagged; "
+                        f"the corpus has {len(bad)} bad files and nothing to flag")
+    if report and summary.get("kept") != corpus.manifest["files"]:
+        problems.append(f"report: {summary.get('kept')} kept, corpus has {corpus.manifest['files']} images")
+    read = summary.get("input_bytes_read")
     checks["input_bytes_read"] = read
     checks["read_vs_input"] = read / corpus.manifest["bytes"] if isinstance(read, (int, float)) else None
     rows = (out / "rows").glob("rows*")  # NDJSON rows; not schema.json or dead letters
@@ -360,6 +380,31 @@ def check_pipeline(corpus: Corpus, out: Path, ratio: bool) -> dict[str, Any]:
     return checks
 
 
+def timed(label: str, cmd: list[str], cwd: Path, log: Path, args: argparse.Namespace) -> Measurement:
+    """One measured run, with the progress line every run prints."""
+    wait_idle(args.wait_idle)
+    print(f"  {label:<11} ...", end=" ", flush=True)
+    probe = cpu_probe_s()
+    m = measure(cmd, cwd, log, args.timeout, args.interval)
+    m.cpu_probe_s = probe
+    print(f"rc={m.rc} {m.wall_s:.1f}s (probe {probe:.2f}s)" + ("" if m.rc == 0 else f"  (log: {m.log})")
+          + (f"  NOISY: {m.other_cpu_s:.1f} cpu-s used by other processes" if noisy(m) else ""),
+          flush=True)
+    return m
+
+
+def noisy(m: Measurement | dict[str, Any]) -> bool:
+    """Other processes used more than 10% of a core-second per second of the run."""
+    row = asdict(m) if isinstance(m, Measurement) else m
+    return row["other_cpu_s"] > 0.1 * row["wall_s"]
+
+
+def core_util(m: Measurement | dict[str, Any]) -> float | None:
+    """CPU seconds over wall seconds x cores, in percent: 100 = every core busy."""
+    row = asdict(m) if isinstance(m, Measurement) else m
+    return 100 * row["cpu_s"] / (row["wall_s"] * (os.cpu_count() or 1)) if row["wall_s"] else None
+
+
 def run_method(method: str, corpus: Corpus, args: argparse.Namespace,
                ratio: bool = True) -> dict[str, Any]:
     work = WORK_DIR / corpus.label / method
@@ -368,16 +413,8 @@ def run_method(method: str, corpus: Corpus, args: argparse.Namespace,
     out.mkdir(parents=True)
     cmd = method_command(method, corpus, out, work)
     corpus.warm()
-    wait_idle(args.wait_idle)
     cwd = args.pipeline_dir if method == "pipeline" else work
-    print(f"  {method:<11} ...", end=" ", flush=True)
-    probe = cpu_probe_s()
-    m = measure(cmd, cwd, work / "log.txt", args.timeout, args.interval)
-    m.cpu_probe_s = probe
-    noisy = m.other_cpu_s > 0.1 * m.wall_s
-    print(f"rc={m.rc} {m.wall_s:.1f}s (probe {probe:.2f}s)" + ("" if m.rc == 0 else f"  (log: {m.log})")
-          + (f"  NOISY: {m.other_cpu_s:.1f} cpu-s used by other processes" if noisy else ""),
-          flush=True)
+    m = timed(method, cmd, cwd, work / "log.txt", args)
     row: dict[str, Any] = asdict(m)
     row["output_bytes"] = sum(a.stat().st_size for a in archives(out))
     if method == "pipeline" and m.rc == 0:
@@ -413,6 +450,7 @@ def derive(rows: dict[str, dict[str, Any]], corpus: Corpus) -> None:
                                      if ok and base.get("rc") == 0 else None)
         row["time_vs_pipeline"] = (row["wall_s"] / pipe["wall_s"]
                                    if ok and pipe.get("rc") == 0 else None)
+        row["core_util_pct"] = core_util(row)
 
 
 def fmt(value: Any, spec: str) -> str:
@@ -423,19 +461,20 @@ def fmt(value: Any, spec: str) -> str:
 
 def print_table(corpus: Corpus, rows: dict[str, dict[str, Any]]) -> None:
     man = corpus.manifest
-    print(f"\n{corpus.label}: {man['files']} files, {man['bytes'] / MB:.0f} MB, "
+    bad = f" (+ {len(man['bad_files'])} bad files)" if man.get("bad_files") else ""
+    print(f"\n{corpus.label}: {man['files']} files{bad}, {man['bytes'] / MB:.0f} MB, "
           f"{len(man['studies'])} studies, {man['entities']} entities")
     head = ("method", "wall s", "MB/s", "img/s", "out/tar-gz", "tree RSS MB", "PSS MB",
-            "proc RSS MB", "cpu s", "t/t_pipe")
-    print("{:<11} {:>8} {:>7} {:>7} {:>10} {:>11} {:>7} {:>11} {:>7} {:>8}".format(*head))
+            "proc RSS MB", "cpu s", "cores %", "t/t_pipe")
+    print("{:<11} {:>8} {:>7} {:>7} {:>10} {:>11} {:>7} {:>11} {:>7} {:>7} {:>8}".format(*head))
     for name, r in rows.items():
         status = "" if r["rc"] == 0 else f"  FAILED rc={r['rc']}" + (" (timeout)" if r["timed_out"] else "")
-        status += "  noisy" if r["other_cpu_s"] > 0.1 * r["wall_s"] else ""
+        status += "  noisy" if noisy(r) else ""
         print(f"{name:<11} {r['wall_s']:>8.1f} {fmt(r['mb_per_s'], '>7.1f')} "
               f"{fmt(r['images_per_s'], '>7.1f')} "
               f"{fmt(r['output_vs_tar_gzip'], '>10.3f')} {r['peak_tree_rss'] / MB:>11.0f} "
               f"{r['peak_tree_pss'] / MB:>7.0f} {r['max_proc_rss'] / MB:>11.0f} {r['cpu_s']:>7.1f} "
-              f"{fmt(r['time_vs_pipeline'], '>8.2f')}{status}")
+              f"{fmt(r['core_util_pct'], '>7.0f')} {fmt(r['time_vs_pipeline'], '>8.2f')}{status}")
     walls = rows.get("pipeline", {}).get("runs_wall_s", [])
     if len(walls) > 1:
         print(f"pipeline: {len(walls)} runs, " + ", ".join(f"{w:.1f}" for w in walls)
@@ -452,7 +491,9 @@ def print_table(corpus: Corpus, rows: dict[str, dict[str, Any]]) -> None:
               f"{checks.get('gzip_members', 'n/a')} gzip members, "
               f"{checks.get('dicom_entries', 'n/a')} DICOM + "
               f"{checks.get('tar_entries', 0) - checks.get('dicom_entries', 0)} other tar entries, "
-              f"{checks['metadata_rows']} metadata rows")
+              f"{checks['metadata_rows']} metadata rows"
+              + (f"; {checks['bad_files']} bad files, all rejected" if checks.get("bad_files")
+                 and not any("rejected" in p for p in checks["problems"]) else ""))
         for p in checks["problems"]:
             print(f"pipeline PROBLEM: {p}")
 
@@ -466,19 +507,38 @@ def save(key: str, value: Any) -> None:
     RESULTS.write_text(json.dumps(results, indent=1) + "\n")
 
 
-def bench_corpus(name: str, args: argparse.Namespace) -> None:
-    corpus = get_corpus(name, args.scale, args.corpus_python)
-    methods = [m for m in args.methods if m != "tar-pigz" or shutil.which("pigz")]
-    if len(methods) < len(args.methods):
+def corpus_methods(name: str, args: argparse.Namespace) -> list[str]:
+    """--methods if given (tiny: the pipeline only, always), else the corpus's default."""
+    if name == "tiny":
+        return ["pipeline"]
+    methods = list(args.methods or DEFAULT_METHODS.get(name, NEW_CORPUS_METHODS))
+    if "tar-pigz" in methods and not shutil.which("pigz"):
         print("  tar-pigz skipped: pigz not installed (bench/setup.sh installs it)")
+        methods.remove("tar-pigz")
+    return methods
+
+
+def bench_corpus(name: str, args: argparse.Namespace) -> None:
+    scale = 1.0 if name == "tiny" else args.scale  # tiny is the fixed cost: never scaled
+    corpus = get_corpus(name, scale, args.corpus_python)
+    methods = corpus_methods(name, args)
     print(f"{corpus.label}: {corpus.root}", flush=True)
     rows = {m: run_method(m, corpus, args) if m != "pipeline" else
             run_repeated(corpus, args) for m in methods}
     derive(rows, corpus)
     print_table(corpus, rows)
-    save(name, {"corpus": corpus.label, "scale": args.scale, "files": corpus.manifest["files"],
-                "input_bytes": corpus.manifest["bytes"], "studies": len(corpus.manifest["studies"]),
-                "when": time.strftime("%Y-%m-%dT%H:%M:%S"), "methods": rows})
+    result = {"corpus": corpus.label, "scale": scale, "files": corpus.manifest["files"],
+              "bad_files": len(corpus.manifest.get("bad_files", [])),
+              "input_bytes": corpus.manifest["bytes"], "studies": len(corpus.manifest["studies"]),
+              "when": time.strftime("%Y-%m-%dT%H:%M:%S"), "methods": rows}
+    if name == "tiny":
+        pipe = rows["pipeline"]
+        met = pipe["rc"] == 0 and pipe["wall_s"] <= TINY_TARGET_S
+        print(f"tiny: start-to-exit wall time of a whole run {pipe['wall_s']:.2f} s (median of "
+              f"{len(pipe['runs_wall_s'])}: " + ", ".join(f"{w:.2f}" for w in pipe["runs_wall_s"])
+              + f" s); target <= {TINY_TARGET_S} s: {'met' if met else 'NOT met'}")
+        result |= {"target_wall_s": TINY_TARGET_S, "target_met": met}
+    save(name, result)
 
 
 def bench_memory(args: argparse.Namespace) -> None:
@@ -514,10 +574,15 @@ def bench_memory(args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--memory", action="store_true", help="memory mode (pipeline only)")
-    parser.add_argument("--scale", type=float, default=1.0, help="corpus size knob, e.g. 0.05")
-    parser.add_argument("--corpora", nargs="+", default=["large", "small-files"],
-                        choices=["large", "small-files"])
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--scale", type=float, default=None,
+                        help="corpus size knob, e.g. 0.05 (default 1; tiny is never scaled)")
+    parser.add_argument("--quick", action="store_true",
+                        help="a smoke run: --scale 0.05 and --repeat 1 unless given")
+    parser.add_argument("--corpora", nargs="*", default=list(CORPUS_NAMES), choices=CORPUS_NAMES,
+                        help="corpora to time the methods on (default: all)")
+    parser.add_argument("--methods", nargs="+", default=None, choices=METHODS,
+                        help="methods for every corpus but tiny (default: all four on large and "
+                             "small-files, no py-tarfile on mixed and small-8000)")
     parser.add_argument("--memory-sizes", nargs="+", default=["0.25", "0.5", "1", "2"],
                         choices=["0.25", "0.5", "1", "2"])
     parser.add_argument("--pipeline-dir", type=Path, default=REPO_DIR,
@@ -528,8 +593,8 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per run")
     parser.add_argument("--wait-idle", type=float, default=0, metavar="S",
                         help="before each run, wait up to S seconds for an idle machine")
-    parser.add_argument("--repeat", type=int, default=3,
-                        help="pipeline runs per corpus; the median is reported")
+    parser.add_argument("--repeat", type=int, default=None,
+                        help="pipeline runs per corpus; the median is reported (default 3)")
     parser.add_argument("--interval", type=float, default=None,
                         help="memory sampling period, s (default 0.2; 0.05 in memory mode, where "
                              "the peak to catch is short: the archive writer's first images)")
@@ -537,6 +602,10 @@ def main() -> None:
                         help="skip the gzip -6 recompression check of the pipeline's archives")
     parser.add_argument("--keep-outputs", action="store_true", help="keep archives in bench/.work")
     args = parser.parse_args()
+    if args.scale is None:
+        args.scale = 0.05 if args.quick else 1.0
+    if args.repeat is None:
+        args.repeat = 1 if args.quick else 3
     if args.interval is None:
         args.interval = 0.05 if args.memory else 0.2
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]  # keep progress in order with corpus.py's
@@ -545,8 +614,10 @@ def main() -> None:
     if args.memory:
         bench_memory(args)
     else:
+        started = time.monotonic()
         for name in args.corpora:
             bench_corpus(name, args)
+        print(f"\nbench: {time.monotonic() - started:.0f} s in all")
 
 
 if __name__ == "__main__":
