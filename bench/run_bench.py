@@ -63,7 +63,9 @@ CORPUS_NAMES = ("large", "small-files", "mixed", "tiny", "small-8000")
 # a minute on large) only where it has always run.
 DEFAULT_METHODS = {"large": METHODS, "small-files": METHODS, "tiny": ("pipeline",)}
 NEW_CORPUS_METHODS = ("pipeline", "tar-gzip", "tar-pigz")
+CASES = ("rerun",)
 TINY_TARGET_S = 1.5  # tiny: start-to-exit wall time of a whole run
+RERUN_TARGET = 0.15  # an unchanged re-run: at most this share of the first run's time
 COLLECTION = "BENCH"
 MB = 10**6
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -541,6 +543,136 @@ def bench_corpus(name: str, args: argparse.Namespace) -> None:
     save(name, result)
 
 
+def read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def read_rows(rows_dir: Path) -> list[dict[str, Any]]:
+    """Every row of a local metadata folder (rows-*.json, newline-delimited)."""
+    rows = []
+    for path in sorted(rows_dir.glob("rows-*.json")):
+        with open(path, encoding="utf-8") as f:
+            rows.extend(json.loads(line) for line in f if line.strip())
+    return rows
+
+
+def link_tree(src: Path, dest: Path) -> None:
+    """Copy a folder as hard links (a copy when the file system refuses).
+    Not symbolic links: the pipeline does not follow a link that leaves its
+    input root."""
+    for dirpath, _, files in os.walk(src):
+        target = dest / Path(dirpath).relative_to(src)
+        target.mkdir(parents=True, exist_ok=True)
+        for name in files:
+            try:
+                os.link(Path(dirpath) / name, target / name)
+            except OSError:
+                shutil.copy2(Path(dirpath) / name, target / name)
+
+
+def warm_files(paths: list[Path]) -> None:
+    for path in paths:
+        with open(path, "rb") as f:
+            while f.read(1 << 20):
+                pass
+
+
+def case_row(m: Measurement, **extra: Any) -> dict[str, Any]:
+    """A measurement as saved by the cases: the run plus its derived numbers."""
+    return asdict(m) | {"core_util_pct": core_util(m), "noisy": noisy(m)} | extra
+
+
+def print_case_table(title: str, rows: dict[str, dict[str, Any]], columns: list[tuple[str, str, str]]) -> None:
+    """A case's table: wall, cpu, cores % and the case's own columns
+    (header, row key, format); None prints as n/a."""
+    print(f"\n{title}")
+    label_width = max(len(k) for k in rows) + 1
+    head = ["wall s", "cpu s", "cores %"] + [h for h, _, _ in columns]
+    widths = [max(len(h), 8) for h in head]
+    print(f"{'':<{label_width}} " + " ".join(f"{h:>{w}}" for h, w in zip(head, widths, strict=True)))
+    for label, r in rows.items():
+        values = [fmt(r.get("wall_s"), f">{widths[0]}.2f"), fmt(r.get("cpu_s"), f">{widths[1]}.1f"),
+                  fmt(r.get("core_util_pct"), f">{widths[2]}.0f")]
+        values += [fmt(r.get(key), f">{w}{spec}") for (_, key, spec), w in zip(columns, widths[3:], strict=True)]
+        status = "" if r.get("rc") == 0 else f"  FAILED rc={r.get('rc')} (log: {r.get('log')})"
+        status += "  noisy" if r.get("noisy") else ""
+        print(f"{label:<{label_width}} " + " ".join(values) + status)
+
+
+def bench_rerun(args: argparse.Namespace) -> None:
+    """small-8000 stored, then re-run unchanged, then re-run with one new entity
+    (small-8000-extra) added to a copy of the input."""
+    corpus = get_corpus("small-8000", args.scale, args.corpus_python)
+    extra = get_corpus("small-8000-extra", 1.0, args.corpus_python)
+    print(f"rerun: {corpus.label}: {corpus.root}; new entity from {extra.root}", flush=True)
+    work = WORK_DIR / "rerun"
+    shutil.rmtree(work, ignore_errors=True)
+    # A copy of the input (hard links), so that the new entity is added to it and
+    # not to the cached corpus; every run reads this same root.
+    input_dir = work / "input"
+    link_tree(corpus.input, input_dir)
+    out = work / "out"
+    runs: dict[str, dict[str, Any]] = {}
+    steps = (("first run", "first"), ("unchanged re-run", "unchanged"),
+             ("re-run + 1 new entity", "new_entity"))
+    for n, (label, key) in enumerate(steps, 1):
+        if key == "new_entity":
+            link_tree(extra.input, input_dir)  # its one entity folder lands beside the others
+        corpus.warm()
+        extra.warm()
+        m = timed(key, pipeline_command(input_dir, out, f"report-{n}.json"), args.pipeline_dir,
+                  work / f"log-{n}.txt", args)
+        summary = read_json(out / f"report-{n}.json").get("summary", {})
+        runs[label] = case_row(m, summary=summary, **{k: summary.get(k) for k in (
+            "input_bytes_read", "objects", "objects_rows_completed", "studies_skipped", "kept")})
+        runs[label]["input_mb_read"] = (summary["input_bytes_read"] / MB
+                                        if isinstance(summary.get("input_bytes_read"), int) else None)
+        if m.rc != 0:
+            break
+    first = runs["first run"]
+    for r in runs.values():
+        r["vs_first_pct"] = 100 * r["wall_s"] / first["wall_s"] if first["rc"] == 0 and r["rc"] == 0 else None
+    studies, new_studies = len(corpus.manifest["studies"]), len(extra.manifest["studies"])
+    problems = []
+    expect = {"first run": (studies, 0), "unchanged re-run": (0, studies),
+              "re-run + 1 new entity": (new_studies, studies)}
+    for label, r in runs.items():
+        if r["rc"] == 0 and (r.get("objects"), r.get("studies_skipped")) != expect[label]:
+            problems.append(f"{label}: {r.get('objects')} objects written, {r.get('studies_skipped')} "
+                            f"studies skipped; expected {expect[label][0]} and {expect[label][1]}")
+    print_case_table(
+        f"rerun: {corpus.label} ({corpus.manifest['files']} images, {studies} studies, "
+        f"{corpus.manifest['entities']} entities); new entity: {extra.manifest['files']} images, "
+        f"{new_studies} studies, {extra.manifest['bytes'] / MB:.1f} MB",
+        runs, [("vs first %", "vs_first_pct", ".1f"), ("input MB read", "input_mb_read", ".1f"),
+               ("objects", "objects", "d"), ("skipped", "studies_skipped", "d")])
+    unchanged, added = runs.get("unchanged re-run", {}), runs.get("re-run + 1 new entity", {})
+    share = unchanged.get("vs_first_pct")
+    read = added.get("input_bytes_read")
+    read_ratio = read / extra.manifest["bytes"] if isinstance(read, int) else None
+    share_met = share is not None and share <= 100 * RERUN_TARGET
+    print(f"unchanged re-run: {fmt(share, '.1f')}% of the first run's wall time "
+          f"(target <= {100 * RERUN_TARGET:.0f}%: {'met' if share_met else 'NOT met'})")
+    print(f"re-run + 1 new entity: input bytes read {fmt(read and read / MB, '.1f')} MB / the new "
+          f"entity's {extra.manifest['bytes'] / MB:.1f} MB = {fmt(read_ratio, '.2f')} "
+          f"(1.0: only the new entity read); objects written {added.get('objects', 'n/a')} / "
+          f"{new_studies} new studies")
+    for p in problems:
+        print(f"rerun PROBLEM: {p}")
+    save("rerun", {"corpus": corpus.label, "scale": args.scale, "files": corpus.manifest["files"],
+                   "studies": studies, "input_bytes": corpus.manifest["bytes"],
+                   "new_entity": {"corpus": extra.label, "files": extra.manifest["files"],
+                                  "studies": new_studies, "bytes": extra.manifest["bytes"]},
+                   "when": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                   "unchanged_share_of_first": share and share / 100,
+                   "unchanged_target": RERUN_TARGET, "unchanged_target_met": share_met,
+                   "new_entity_read_vs_its_bytes": read_ratio,
+                   "new_entity_objects_written": added.get("objects"),
+                   "new_entity_studies": new_studies, "problems": problems, "runs": runs})
+    if not args.keep_outputs:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def bench_memory(args: argparse.Namespace) -> None:
     """Pipeline only, one study of growing size: peak memory should stay flat."""
     rows = {}
@@ -579,7 +711,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true",
                         help="a smoke run: --scale 0.05 and --repeat 1 unless given")
     parser.add_argument("--corpora", nargs="*", default=list(CORPUS_NAMES), choices=CORPUS_NAMES,
-                        help="corpora to time the methods on (default: all)")
+                        help="corpora to time the methods on (default: all; none: only --cases)")
+    parser.add_argument("--cases", nargs="*", default=list(CASES), choices=CASES,
+                        help="rerun (small-8000) (default: all; none: only --corpora)")
     parser.add_argument("--methods", nargs="+", default=None, choices=METHODS,
                         help="methods for every corpus but tiny (default: all four on large and "
                              "small-files, no py-tarfile on mixed and small-8000)")
@@ -617,6 +751,10 @@ def main() -> None:
         started = time.monotonic()
         for name in args.corpora:
             bench_corpus(name, args)
+        cases = {"rerun": bench_rerun}
+        for name in args.cases:
+            print(f"\n{name}:", flush=True)
+            cases[name](args)
         print(f"\nbench: {time.monotonic() - started:.0f} s in all")
 
 
