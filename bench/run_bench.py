@@ -34,6 +34,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import shlex
 import shutil
 import signal
@@ -63,7 +64,7 @@ CORPUS_NAMES = ("large", "small-files", "mixed", "tiny", "small-8000")
 # a minute on large) only where it has always run.
 DEFAULT_METHODS = {"large": METHODS, "small-files": METHODS, "tiny": ("pipeline",)}
 NEW_CORPUS_METHODS = ("pipeline", "tar-gzip", "tar-pigz")
-CASES = ("rerun",)
+CASES = ("rerun", "export")
 TINY_TARGET_S = 1.5  # tiny: start-to-exit wall time of a whole run
 RERUN_TARGET = 0.15  # an unchanged re-run: at most this share of the first run's time
 COLLECTION = "BENCH"
@@ -599,6 +600,34 @@ def print_case_table(title: str, rows: dict[str, dict[str, Any]], columns: list[
         print(f"{label:<{label_width}} " + " ".join(values) + status)
 
 
+STORED: dict[tuple[str, float], tuple[Corpus, Path]] = {}
+
+
+def stored_run(name: str, scale: float, args: argparse.Namespace) -> tuple[Corpus, Path] | None:
+    """A pipeline run of a corpus kept on disk (objects, rows, report) for the
+    cases that read a stored collection: made once per invocation, None if it failed."""
+    if (name, scale) not in STORED:
+        corpus = get_corpus(name, scale, args.corpus_python)
+        work = WORK_DIR / corpus.label / "stored"
+        shutil.rmtree(work, ignore_errors=True)
+        out = work / "out"
+        corpus.warm()
+        m = timed("stored run", pipeline_command(corpus.input, out), args.pipeline_dir,
+                  work / "log.txt", args)
+        if m.rc != 0:
+            print(f"  the stored run of {corpus.label} failed: its cases are skipped")
+            return None
+        STORED[name, scale] = corpus, out
+    return STORED[name, scale]
+
+
+def drop_stored_runs(args: argparse.Namespace) -> None:
+    if not args.keep_outputs:
+        for corpus, out in STORED.values():
+            shutil.rmtree(out.parent, ignore_errors=True)
+    STORED.clear()
+
+
 def bench_rerun(args: argparse.Namespace) -> None:
     """small-8000 stored, then re-run unchanged, then re-run with one new entity
     (small-8000-extra) added to a copy of the input."""
@@ -673,6 +702,133 @@ def bench_rerun(args: argparse.Namespace) -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
+EXPORT_SUMMARY = re.compile(
+    r"Exported ([\d,]+) images to .*?: ([\d,]+) written, ([\d,]+) already there.*?"
+    r"read ([\d,.]+) MB in ([\d,]+) requests for ([\d,.]+) MB of images compressed")
+
+
+def export_summary(log: str) -> dict[str, Any]:
+    """The numbers of pipeline.export's summary line (its MB are rounded:
+    0.1 MB under 10 MB, 1 MB from there)."""
+    text = Path(log).read_text(errors="replace") if Path(log).exists() else ""
+    found = EXPORT_SUMMARY.search(text)
+    if not found:
+        return {}
+    n = [float(g.replace(",", "")) for g in found.groups()]
+    return {"images": int(n[0]), "written": int(n[1]), "already_there": int(n[2]),
+            "read_bytes": n[3] * MB, "requests": int(n[4]), "member_bytes": n[5] * MB}
+
+
+def rounding_of(n_bytes: float) -> float:
+    """Half the step pipeline.console.megabytes rounds to."""
+    return 0.5 * MB if n_bytes >= 10 * MB else 0.05 * MB
+
+
+def pick_cohort(rows: list[dict[str, Any]], n: int) -> list[dict[str, Any]]:
+    """n images spread over as many studies as possible: studies evenly spaced
+    in object order, the middle image of each (then the images around it)."""
+    by_object: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        by_object.setdefault(row["storage"]["uri"], []).append(row)
+    objects = []
+    for _, images in sorted(by_object.items()):
+        images.sort(key=lambda r: r["storage"]["member_offset"])
+        mid = len(images) // 2  # the middle image first, then outwards
+        objects.append([r for _, r in sorted(enumerate(images), key=lambda ir: (abs(ir[0] - mid), ir[0]))])
+    if len(objects) > n:
+        objects = [objects[(i * len(objects)) // n] for i in range(n)]
+    picks: list[dict[str, Any]] = []
+    depth = 0
+    while len(picks) < n and any(depth < len(images) for images in objects):
+        picks += [images[depth] for images in objects if depth < len(images)][:n - len(picks)]
+        depth += 1
+    return picks
+
+
+def bench_export(args: argparse.Namespace) -> None:
+    """On a stored run: the largest study exported whole, against tar xzf of
+    its object; a cohort of a few images over many studies: bytes read for
+    the selected members' bytes."""
+    stored = stored_run(args.stored_corpus, args.scale, args)
+    if stored is None:
+        return
+    corpus, out = stored
+    work = WORK_DIR / corpus.label / "export"
+    shutil.rmtree(work, ignore_errors=True)
+    report = read_json(out / "report.json")
+    rows = read_rows(out / "rows")
+    largest = max(report["studies"], key=lambda st: st["input_bytes"])
+    obj = Path(largest["uri"])
+    study_rows = [r for r in rows if r["storage"]["uri"] == largest["uri"]]
+    image_bytes = sum(r["storage"]["member_size_bytes"] for r in study_rows)
+    export_base = [sys.executable, "-m", "pipeline.export", "--metadata_output", str(out / "rows")]
+    results: dict[str, dict[str, Any]] = {}
+
+    warm_files([obj])
+    m = timed("export", export_base + ["--where", f"study_instance_uid = '{largest['study_instance_uid']}'",
+                                       "--out", str(work / "study")], args.pipeline_dir,
+              work / "log-study.txt", args)
+    got = export_summary(m.log)
+    results["export largest study"] = case_row(m, images=got.get("written"), export=got)
+    warm_files([obj])
+    (work / "tar").mkdir(parents=True)
+    m = timed("tar xzf", ["tar", "xzf", str(obj), "-C", str(work / "tar")], work, work / "log-tar.txt", args)
+    extracted = sum(1 for p in (work / "tar").rglob("*") if p.is_file() and p.name != "manifest.json")
+    results["tar xzf its object"] = case_row(m, images=extracted)
+    for r in results.values():
+        r["image_mb_per_s"] = image_bytes / MB / r["wall_s"] if r["rc"] == 0 else None
+    tar_row, exp_row = results["tar xzf its object"], results["export largest study"]
+    ratio = (exp_row["wall_s"] / tar_row["wall_s"]) if exp_row["rc"] == tar_row["rc"] == 0 else None
+    exp_row["vs_tar"] = ratio
+
+    cohort = pick_cohort(rows, args.cohort)
+    expected = sum(r["storage"]["member_length"] for r in cohort)
+    uids = ", ".join(f"'{r['sop_instance_uid']}'" for r in cohort)
+    warm_files(sorted({Path(r["storage"]["uri"]) for r in cohort}))
+    m = timed("cohort", export_base + ["--where", f"sop_instance_uid IN ({uids})", "--out", str(work / "cohort")],
+              args.pipeline_dir, work / "log-cohort.txt", args)
+    got = export_summary(m.log)
+    cohort_studies = len({r["storage"]["uri"] for r in cohort})
+    read_ratio = got["read_bytes"] / expected if got and expected else None
+    results[f"cohort ({len(cohort)} images, {cohort_studies} studies)"] = case_row(
+        m, images=got.get("written"), export=got, selected_member_bytes=expected,
+        read_vs_selected=read_ratio)
+
+    problems = []
+    if exp_row["rc"] == 0 and exp_row["images"] != len(study_rows):
+        problems.append(f"export wrote {exp_row['images']} images of the study's {len(study_rows)}")
+    if tar_row["rc"] == 0 and extracted != len(study_rows):
+        problems.append(f"tar extracted {extracted} images of the study's {len(study_rows)}")
+    if got and got["written"] != len(cohort):
+        problems.append(f"cohort: {got['written']} images written of {len(cohort)}")
+    print_case_table(
+        f"export: stored run of {corpus.label}; largest study {largest['study_instance_uid']}: "
+        f"{len(study_rows)} images, {image_bytes / MB:.1f} MB of images, object {obj.stat().st_size / MB:.1f} MB",
+        results, [("images", "images", "d"), ("image MB/s", "image_mb_per_s", ".1f"),
+                  ("t/t_tar", "vs_tar", ".2f")])
+    print(f"export of the largest study: {fmt(ratio, '.2f')} x the time of tar xzf of its object "
+          f"(target <= 1: {'met' if ratio is not None and ratio <= 1 else 'NOT met'})")
+    if got:
+        slack = rounding_of(got["read_bytes"]) / expected
+        print(f"cohort: read {got['read_bytes'] / MB:.1f} MB in {got['requests']} requests for the "
+              f"{len(cohort)} selected members' {expected / MB:.3f} MB compressed (rows' member_length) "
+              f"= {read_ratio:.2f} (+-{slack:.2f}: the export's summary rounds its MB; target ~1)")
+    else:
+        print("cohort: no summary line in the export's log")
+    for p in problems:
+        print(f"export PROBLEM: {p}")
+    save("export", {"corpus": corpus.label, "scale": args.scale,
+                    "when": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                    "study": {"study_instance_uid": largest["study_instance_uid"], "images": len(study_rows),
+                              "image_bytes": image_bytes, "object_bytes": obj.stat().st_size},
+                    "export_vs_tar_xzf": ratio,
+                    "cohort": {"images": len(cohort), "studies": cohort_studies,
+                               "selected_member_bytes": expected, "read_vs_selected": read_ratio},
+                    "problems": problems, "runs": results})
+    if not args.keep_outputs:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def bench_memory(args: argparse.Namespace) -> None:
     """Pipeline only, one study of growing size: peak memory should stay flat."""
     rows = {}
@@ -713,10 +869,15 @@ def main() -> None:
     parser.add_argument("--corpora", nargs="*", default=list(CORPUS_NAMES), choices=CORPUS_NAMES,
                         help="corpora to time the methods on (default: all; none: only --cases)")
     parser.add_argument("--cases", nargs="*", default=list(CASES), choices=CASES,
-                        help="rerun (small-8000) (default: all; none: only --corpora)")
+                        help="rerun (small-8000), export (on a stored run of --stored-corpus) "
+                             "(default: all; none: only --corpora)")
     parser.add_argument("--methods", nargs="+", default=None, choices=METHODS,
                         help="methods for every corpus but tiny (default: all four on large and "
                              "small-files, no py-tarfile on mixed and small-8000)")
+    parser.add_argument("--stored-corpus", default="large", choices=["large", "mixed", "small-files",
+                                                                      "small-8000"],
+                        help="corpus of the stored run the export case uses")
+    parser.add_argument("--cohort", type=int, default=5, help="export case: images in the cohort")
     parser.add_argument("--memory-sizes", nargs="+", default=["0.25", "0.5", "1", "2"],
                         choices=["0.25", "0.5", "1", "2"])
     parser.add_argument("--pipeline-dir", type=Path, default=REPO_DIR,
@@ -751,10 +912,13 @@ def main() -> None:
         started = time.monotonic()
         for name in args.corpora:
             bench_corpus(name, args)
-        cases = {"rerun": bench_rerun}
-        for name in args.cases:
-            print(f"\n{name}:", flush=True)
-            cases[name](args)
+        cases = {"rerun": bench_rerun, "export": bench_export}
+        try:
+            for name in args.cases:
+                print(f"\n{name}:", flush=True)
+                cases[name](args)
+        finally:
+            drop_stored_runs(args)
         print(f"\nbench: {time.monotonic() - started:.0f} s in all")
 
 
