@@ -64,10 +64,11 @@ CORPUS_NAMES = ("large", "small-files", "mixed", "tiny", "small-8000")
 # a minute on large) only where it has always run.
 DEFAULT_METHODS = {"large": METHODS, "small-files": METHODS, "tiny": ("pipeline",)}
 NEW_CORPUS_METHODS = ("pipeline", "tar-gzip", "tar-pigz")
-CASES = ("rerun", "export")
+CASES = ("rerun", "export", "verify")
 TINY_TARGET_S = 1.5  # tiny: start-to-exit wall time of a whole run
 RERUN_TARGET = 0.15  # an unchanged re-run: at most this share of the first run's time
 COLLECTION = "BENCH"
+EMULATOR_PROJECT = "demo-project"
 MB = 10**6
 PAGE = os.sysconf("SC_PAGE_SIZE")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -605,7 +606,7 @@ STORED: dict[tuple[str, float], tuple[Corpus, Path]] = {}
 
 def stored_run(name: str, scale: float, args: argparse.Namespace) -> tuple[Corpus, Path] | None:
     """A pipeline run of a corpus kept on disk (objects, rows, report) for the
-    cases that read a stored collection: made once per invocation, None if it failed."""
+    export and verify cases: made once per invocation, None if it failed."""
     if (name, scale) not in STORED:
         corpus = get_corpus(name, scale, args.corpus_python)
         work = WORK_DIR / corpus.label / "stored"
@@ -829,6 +830,126 @@ def bench_export(args: argparse.Namespace) -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
+def verify_runs(where: str, bucket: str, rows_args: list[str], work: Path, args: argparse.Namespace,
+                objects: list[Path] | None = None) -> dict[str, dict[str, Any]]:
+    """pipeline.verify without and with --read_data; with `objects` (a local
+    bucket), the same objects read whole by cat, for comparison."""
+    runs: dict[str, dict[str, Any]] = {}
+    for key, extra in (("verify", []), ("verify --read_data", ["--read_data"])):
+        name = key.replace(" --", "-")
+        if objects:
+            warm_files(objects)
+        m = timed(name, [sys.executable, "-m", "pipeline.verify", "--bucket", bucket, "--collection",
+                         COLLECTION, *rows_args, *extra, "--report", str(work / name / "verify.json")],
+                  args.pipeline_dir, work / f"log-{name}.txt", args)
+        summary = read_json(work / name / "verify.json").get("summary", {})
+        row = case_row(m, summary=summary, objects_checked=summary.get("objects_checked"),
+                       problems=summary.get("problems"))
+        ok = m.rc == 0 and summary
+        row["objects_per_s"] = summary["objects_checked"] / m.wall_s if ok else None
+        row["read_mb_per_s"] = summary["bytes_read"] / MB / m.wall_s if ok else None
+        row["read_mb"] = summary["bytes_read"] / MB if summary else None
+        runs[f"{where}: {key}"] = row
+    if objects:
+        warm_files(objects)
+        m = timed("cat", ["bash", "-c", 'cat -- "$@" > /dev/null', "cat", *map(str, objects)],
+                  work, work / "log-cat.txt", args)
+        total = sum(p.stat().st_size for p in objects)
+        runs[f"{where}: cat objects"] = case_row(
+            m, objects_checked=len(objects), read_mb=total / MB,
+            objects_per_s=len(objects) / m.wall_s if m.rc == 0 else None,
+            read_mb_per_s=total / MB / m.wall_s if m.rc == 0 else None)
+    return runs
+
+
+def emulator_verify(corpus: Corpus, work: Path, args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """The pipeline run against the Cloud Storage and BigQuery emulators
+    (devtools/emulators.py, reached by STORAGE_EMULATOR_HOST and
+    BIGQUERY_EMULATOR_HOST as clients are), then verify on them."""
+    sys.path.insert(0, str(args.pipeline_dir))
+    try:
+        from devtools.emulators import bigquery_emulator, create_bucket, gcs_emulator
+    finally:
+        sys.path.pop(0)
+    names = ("STORAGE_EMULATOR_HOST", "BIGQUERY_EMULATOR_HOST")
+    saved = {k: os.environ.get(k) for k in names}
+    gcs_root = work / "gcs"
+    gcs_root.mkdir(parents=True)
+    runs: dict[str, dict[str, Any]] = {}
+    with gcs_emulator(root=gcs_root) as gcs_url, \
+            bigquery_emulator(EMULATOR_PROJECT, gcs_root=gcs_root) as bq_url:
+        os.environ.update(zip(names, (gcs_url, bq_url)))
+        try:
+            create_bucket(gcs_url, "bench")
+            corpus.warm()
+            m = timed("pipeline", [sys.executable, "-m", "pipeline", "--input", str(corpus.input),
+                                   "--bucket", "gs://bench", "--collection", COLLECTION,
+                                   "--bigquery_project", EMULATOR_PROJECT,
+                                   "--report", str(work / "run" / "report.json")],
+                      args.pipeline_dir, work / "log-pipeline.txt", args)
+            summary = read_json(work / "run" / "report.json").get("summary", {})
+            runs["emulators: pipeline run"] = case_row(m, summary=summary, objects_checked=summary.get("objects"))
+            if m.rc == 0:
+                runs |= verify_runs("emulators", "gs://bench", ["--bigquery_project", EMULATOR_PROJECT],
+                                    work, args)
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+    return runs
+
+
+def bench_verify(args: argparse.Namespace) -> None:
+    """pipeline.verify on the stored run (local bucket), and on a small corpus
+    both locally and on the emulators: objects checked per second, and with
+    --read_data MB read per second against reading the objects whole."""
+    results: dict[str, dict[str, Any]] = {}
+    stored = stored_run(args.stored_corpus, args.scale, args)
+    if stored is None:
+        return
+    corpus, out = stored
+    objects = sorted((out / "bucket").rglob("*.tar.gz"))
+    work = WORK_DIR / corpus.label / "verify"
+    shutil.rmtree(work, ignore_errors=True)
+    results |= verify_runs(f"{corpus.label}, local", str(out / "bucket"),
+                           ["--metadata_output", str(out / "rows")], work, args, objects)
+    cloud = None
+    if args.cloud:
+        small_scale = round(0.1 * args.scale, 6)
+        stored_small = stored_run("small-8000", small_scale, args)
+        if stored_small is not None:
+            cloud, small_out = stored_small
+            small_work = WORK_DIR / cloud.label / "verify"
+            shutil.rmtree(small_work, ignore_errors=True)
+            results |= verify_runs(f"{cloud.label}, local", str(small_out / "bucket"),
+                                   ["--metadata_output", str(small_out / "rows")], small_work / "local", args)
+            try:
+                results |= emulator_verify(cloud, small_work / "emulators", args)
+            except Exception as e:  # pylint: disable=broad-except  # emulators missing or failing to start
+                print(f"  emulators: skipped: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+                results["emulators: skipped"] = {"rc": None, "error": f"{type(e).__name__}: {e}"[:2000]}
+            if not args.keep_outputs:
+                shutil.rmtree(small_work, ignore_errors=True)
+    shown = {k: v for k, v in results.items() if "wall_s" in v}
+    print_case_table(
+        f"verify: stored run of {corpus.label} ({len(objects)} objects, "
+        f"{sum(p.stat().st_size for p in objects) / MB:.0f} MB), local bucket"
+        + (f"; {cloud.label} locally and on the emulators" if cloud else ""),
+        shown, [("objects", "objects_checked", "d"), ("objects/s", "objects_per_s", ".1f"),
+                ("MB read", "read_mb", ".1f"), ("MB/s read", "read_mb_per_s", ".1f")])
+    for label, r in results.items():
+        if r.get("problems"):
+            print(f"verify PROBLEM: {label}: {r['problems']} problems (see {r.get('log')})")
+    save("verify", {"corpus": corpus.label, "scale": args.scale, "objects": len(objects),
+                    "object_bytes": sum(p.stat().st_size for p in objects),
+                    "emulator_corpus": cloud.label if cloud else None,
+                    "when": time.strftime("%Y-%m-%dT%H:%M:%S"), "runs": results})
+    if not args.keep_outputs:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def bench_memory(args: argparse.Namespace) -> None:
     """Pipeline only, one study of growing size: peak memory should stay flat."""
     rows = {}
@@ -869,15 +990,17 @@ def main() -> None:
     parser.add_argument("--corpora", nargs="*", default=list(CORPUS_NAMES), choices=CORPUS_NAMES,
                         help="corpora to time the methods on (default: all; none: only --cases)")
     parser.add_argument("--cases", nargs="*", default=list(CASES), choices=CASES,
-                        help="rerun (small-8000), export (on a stored run of --stored-corpus) "
-                             "(default: all; none: only --corpora)")
+                        help="rerun (small-8000), export and verify (on a stored run of "
+                             "--stored-corpus) (default: all; none: only --corpora)")
     parser.add_argument("--methods", nargs="+", default=None, choices=METHODS,
                         help="methods for every corpus but tiny (default: all four on large and "
                              "small-files, no py-tarfile on mixed and small-8000)")
     parser.add_argument("--stored-corpus", default="large", choices=["large", "mixed", "small-files",
                                                                       "small-8000"],
-                        help="corpus of the stored run the export case uses")
+                        help="corpus of the stored run the export and verify cases use")
     parser.add_argument("--cohort", type=int, default=5, help="export case: images in the cohort")
+    parser.add_argument("--no-cloud", dest="cloud", action="store_false",
+                        help="verify case: skip the run on the Cloud Storage and BigQuery emulators")
     parser.add_argument("--memory-sizes", nargs="+", default=["0.25", "0.5", "1", "2"],
                         choices=["0.25", "0.5", "1", "2"])
     parser.add_argument("--pipeline-dir", type=Path, default=REPO_DIR,
@@ -912,7 +1035,7 @@ def main() -> None:
         started = time.monotonic()
         for name in args.corpora:
             bench_corpus(name, args)
-        cases = {"rerun": bench_rerun, "export": bench_export}
+        cases = {"rerun": bench_rerun, "export": bench_export, "verify": bench_verify}
         try:
             for name in args.cases:
                 print(f"\n{name}:", flush=True)
