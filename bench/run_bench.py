@@ -24,9 +24,23 @@ starts with a warm page cache. Measured per run:
              busy time minus the run's own): on a 2-core machine anything
              else running (a test suite, another benchmark) skews the result,
              so a run where it exceeds 10% of wall time is flagged "noisy"
+  cores %    cpu / (wall x os.cpu_count()): the share of the machine kept busy
 All sizes are decimal: MB = 10**6 bytes, GB = 10**9 bytes.
 
-Results are printed and merged into bench/results.json.
+Corpora (--corpora): large, small-files (all four methods), mixed, small-8000
+(pipeline, tar-gzip, tar-pigz), tiny (the pipeline alone: the fixed cost of a
+run, against a 1.5 s target). Cases (--cases), each command measured the same way:
+  rerun   small-8000: a first run, the same input again (share of the first
+          run's time, target <= 15%), then one new entity added to a copy of
+          the input (bytes read and objects written against the new entity's)
+  export  on a stored run of --stored-corpus: the largest study exported
+          against tar xzf of its object; a cohort of a few images over many
+          studies (bytes read / the members' compressed bytes, target ~1)
+  verify  the same stored run: objects/s, and MB/s with --read_data against
+          cat of the objects; a small corpus locally and on the emulators
+
+Results are printed and merged into bench/results.json (one section per
+corpus or case).
 """
 from __future__ import annotations
 
