@@ -21,6 +21,17 @@ changed; `manifest.json` is written last and marks a complete build):
   small-files  ~5,100 x scale CT-series-shaped images of <= ~300 KB each
   mem-0.25, mem-0.5, mem-1, mem-2
                one entity, one study of that many GB x scale (memory mode)
+  mixed        shaped like a real export: one study of ~240 CR images of
+               ~2.4 MB, ~600 small CT slices over 4 studies, 3 small entities,
+               and 3 bad files (text, empty, header cut short) in entity folders
+  tiny         20 small CT slices in 2 entities (the fixed cost of a run)
+  small-8000   8,000 small CT slices of ~39 KB: 80 entities x 10 studies x 10
+               images (scale multiplies the entities)
+  small-8000-extra
+               one more entity of 100 such images, 10 studies (re-run case)
+
+A corpus's "bad_files" (mixed) are in its input but in no study of the manifest:
+the pipeline must reject each of them.
 
 Usage: corpus.py NAME [NAME ...] [--scale S]; prints one corpus dir per line.
 """
@@ -28,7 +39,11 @@ from __future__ import annotations
 
 import argparse
 import copy
+import datetime
+import io
 import json
+import multiprocessing
+import os
 import random
 import shutil
 import sys
@@ -36,7 +51,7 @@ import time
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pydicom
@@ -105,14 +120,90 @@ MEMORY = [
        ("693_UNCI.dcm", "roll", 0.40)),
 ]
 
-# name -> (studies, target bytes at scale 1 or None when amounts are counts)
-CORPORA: dict[str, tuple[list[Study], float | None]] = {
-    "large": (LARGE, 1.0 * GB),
-    "small-files": (SMALL_FILES, None),
-    "mem-0.25": (MEMORY, 0.25 * GB),
-    "mem-0.5": (MEMORY, 0.5 * GB),
-    "mem-1": (MEMORY, 1.0 * GB),
-    "mem-2": (MEMORY, 2.0 * GB),
+# Shaped like a real export (amounts are image counts x scale): one large
+# study of multi-MB radiographs (1100 x 1100 windows of real CR images,
+# 2.4 MB each: "roll" would keep the sources' 6-7 MB), one entity of many
+# small CT slices over a few studies, a few small entities of a few images.
+MIXED = [
+    _s("BIG001", "20230514", ("RG1_UNCI.dcm", "crop1100", 120), ("RG3_UNCI.dcm", "crop1100", 120)),
+    _s("CTS001", "20200102", ("CT_small.dcm", "roll", 150)),
+    _s("CTS001", "20200715", ("CT_small.dcm", "roll", 150)),
+    _s("CTS001", "20210304", ("CT_small.dcm", "roll", 150)),
+    _s("CTS001", "20220911", ("CT_small.dcm", "roll", 150)),
+    _s("FEW001", "20190823", ("693_UNCI.dcm", "roll", 3)),
+    _s("FEW002", "20180417", ("emri_small.dcm", "roll", 4)),
+    _s("FEW003", "20170130", ("US1_UNCI.dcm", "roll", 2)),
+    _s("FEW003", "20211206", ("MR-SIEMENS-DICOM-WithOverlays.dcm", "roll", 3)),
+]
+
+
+@dataclass(frozen=True)
+class BadFile:
+    """A file the pipeline must reject, placed inside an entity folder."""
+
+    path: str  # relative to the input dir
+    kind: str  # "text", "empty" or "truncated" (a real DICOM file cut inside its header)
+
+
+# Not in the manifest's "files" or "studies": listed under "bad_files".
+MIXED_BAD = (
+    BadFile("CTS001/notes.txt", "text"),
+    BadFile("FEW001/empty.dcm", "empty"),
+    BadFile("BIG001/extra/IM99999.dcm", "truncated"),
+)
+
+TINY = [
+    _s("TINY01", "20200301", ("CT_small.dcm", "roll", 10)),
+    _s("TINY02", "20200302", ("CT_small.dcm", "roll", 10)),
+]
+
+
+def many_small(prefix: str, entities: int, studies: int = 10, images: int = 10) -> list[Study]:
+    """`entities` entities of `studies` studies of `images` CT_small slices each
+    (~39 KB), every study on its own date."""
+    first = datetime.date(2015, 1, 1)
+    return [_s(f"{prefix}{e + 1:03d}",
+               (first + datetime.timedelta(days=e * studies + j)).strftime("%Y%m%d"),
+               ("CT_small.dcm", "roll", images))
+            for e in range(entities) for j in range(studies)]
+
+
+def small_8000(scale: float) -> list[Study]:
+    """80 entities x 10 studies x 10 images at scale 1; scale multiplies the
+    entities, so a smaller scale keeps the shape (and is a prefix)."""
+    return many_small("S8K", max(1, round(80 * scale)))
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """`studies` is a list, or a function of the scale giving one.
+    `target`: bytes at scale 1 (amounts are byte shares), or None (amounts
+    are image counts, multiplied by the scale unless `studies` is a function,
+    which scales the corpus itself)."""
+
+    studies: list[Study] | Callable[[float], list[Study]]
+    target: float | None = None
+    bad_files: tuple[BadFile, ...] = ()
+
+    def plan(self, scale: float) -> tuple[list[Study], float]:
+        """The studies at this scale and the scale to apply to their amounts."""
+        if callable(self.studies):
+            return self.studies(scale), 1.0
+        return self.studies, scale
+
+
+CORPORA: dict[str, Recipe] = {
+    "large": Recipe(LARGE, 1.0 * GB),
+    "small-files": Recipe(SMALL_FILES),
+    "mem-0.25": Recipe(MEMORY, 0.25 * GB),
+    "mem-0.5": Recipe(MEMORY, 0.5 * GB),
+    "mem-1": Recipe(MEMORY, 1.0 * GB),
+    "mem-2": Recipe(MEMORY, 2.0 * GB),
+    "mixed": Recipe(MIXED, bad_files=MIXED_BAD),
+    "tiny": Recipe(lambda scale: TINY),  # fixed: the scale does not apply
+    "small-8000": Recipe(small_8000),
+    # one more entity (fresh UIDs, a name no small-8000 entity has): the re-run case
+    "small-8000-extra": Recipe(lambda scale: many_small("NEW", 1)),
 }
 
 
@@ -208,6 +299,92 @@ def plan_counts(studies: list[Study], target: float | None, scale: float) -> lis
             for st in studies]
 
 
+@dataclass(frozen=True)
+class StudyJob:
+    """Everything one study's files depend on: studies are written in parallel."""
+
+    name: str
+    index: int
+    study: Study
+    counts: tuple[int, ...]
+    nested: bool
+    flat_start: int  # flat layout: files before this study in its entity folder
+    input_dir: Path
+
+
+def write_study(job: StudyJob) -> dict[str, Any]:
+    """Write one study's files; returns its manifest entry. Each file depends
+    only on the job and its own seeded RNG, so the bytes do not depend on
+    which process writes them, or in what order."""
+    study = job.study
+    key = f"{job.name}/{job.index}"  # scale-independent: smaller scales are prefixes
+    accession = f"A{uid(key, 'acc')[-8:]}"
+    ids = {"entity": study.entity, "date": study.date, "accession": accession,
+           "study_uid": uid(key), "study_id": str(job.index + 1)}
+    files: list[str] = []
+    nbytes = 0
+    n = job.flat_start
+    for k, (series, count) in enumerate(zip(study.series, job.counts, strict=True)):
+        src = load_source(series.source)
+        ids |= {"series_uid": uid(key, k), "for_uid": uid(key, k, "for"),
+                "series_number": str(k + 1)}
+        for i in range(count):
+            rng = random.Random(f"{SEED}/{key}/{k}/{i}")
+            ds = make_instance(src, series, ids | {"sop_uid": uid(key, k, i)}, i + 1, rng)
+            if job.nested:
+                rel = (f"{study.entity}/{study.date}_{accession}/"
+                       f"S{k + 1:02d}_{ds.Modality}/IM{i + 1:05d}.dcm")
+            else:
+                n += 1
+                rel = f"{study.entity}/DICOM/I{n:07d}"
+            path = job.input_dir / rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            pydicom.dcmwrite(path, ds, enforce_file_format=True)
+            nbytes += path.stat().st_size
+            files.append(rel)
+    return {"entity": study.entity, "study_uid": ids["study_uid"], "date": study.date,
+            "accession": accession, "bytes": nbytes, "files": files}
+
+
+def run_jobs(jobs: list[StudyJob]) -> list[dict[str, Any]]:
+    """Write every study, one process per core when there are several (an
+    8,000-file corpus takes half the time); results in the jobs' order."""
+    workers = min(len(jobs), os.cpu_count() or 1)
+    if workers < 2:
+        return [write_study(job) for job in jobs]
+    for job in jobs:  # decoded once here, inherited by the forked workers
+        for series in job.study.series:
+            load_source(series.source)
+    with multiprocessing.get_context("fork").Pool(workers) as pool:
+        return pool.map(write_study, jobs, chunksize=1)
+
+
+def write_bad_file(input_dir: Path, bad: BadFile) -> dict[str, Any]:
+    """Write one file the pipeline must reject; returns its manifest entry."""
+    path = input_dir / bad.path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if bad.kind == "text":
+        data = b"Exported by the PACS on 2023-05-14. Not an image.\n" * 4
+    elif bad.kind == "empty":
+        data = b""
+    elif bad.kind == "truncated":
+        # A real file with fresh UIDs, cut inside its file meta group: after
+        # the preamble and "DICM", before the dataset's UIDs.
+        series = Series("CT_small.dcm", "roll", 1)
+        key = f"bad/{bad.path}"
+        ids = {"entity": bad.path.split("/")[0], "date": "20230514", "accession": "ABAD",
+               "study_uid": uid(key), "study_id": "1", "series_uid": uid(key, 0),
+               "for_uid": uid(key, 0, "for"), "series_number": "1", "sop_uid": uid(key, 0, 0)}
+        ds = make_instance(load_source(series.source), series, ids, 1, random.Random(key))
+        buf = io.BytesIO()
+        pydicom.dcmwrite(buf, ds, enforce_file_format=True)
+        data = buf.getvalue()[:200]
+    else:
+        raise ValueError(f"unknown bad file kind {bad.kind!r}")
+    path.write_bytes(data)
+    return {"path": bad.path, "kind": bad.kind, "bytes": len(data)}
+
+
 def build(name: str, scale: float = 1.0, root: Path = CORPUS_ROOT) -> Path:
     """Build corpus `name` (or reuse the cached one); returns its directory.
 
@@ -217,7 +394,9 @@ def build(name: str, scale: float = 1.0, root: Path = CORPUS_ROOT) -> Path:
     interleaved, so the pipeline must find files at any depth and group by
     the header, not the path.
     """
-    studies, target = CORPORA[name]
+    recipe_ = CORPORA[name]
+    studies, amount_scale = recipe_.plan(scale)
+    target = recipe_.target
     label = name if scale == 1 else f"{name}-x{scale:g}"
     out = root / label
     recipe = {"name": name, "scale": scale, "seed": SEED, "version": RECIPE_VERSION,
@@ -230,41 +409,23 @@ def build(name: str, scale: float = 1.0, root: Path = CORPUS_ROOT) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     entities = sorted({st.entity for st in studies})
     flat_counter: dict[str, int] = {}
-    manifest_studies: list[dict[str, Any]] = []
-    for si, (study, counts) in enumerate(zip(studies, plan_counts(studies, target, scale), strict=True)):
+    jobs: list[StudyJob] = []
+    for si, (study, counts) in enumerate(zip(studies, plan_counts(studies, target, amount_scale),
+                                             strict=True)):
         nested = entities.index(study.entity) % 2 == 0
-        key = f"{name}/{si}"  # scale-independent: smaller scales are prefixes
-        accession = f"A{uid(key, 'acc')[-8:]}"
-        ids = {"entity": study.entity, "date": study.date, "accession": accession,
-               "study_uid": uid(key), "study_id": str(si + 1)}
-        files: list[str] = []
-        nbytes = 0
-        for k, (series, count) in enumerate(zip(study.series, counts, strict=True)):
-            src = load_source(series.source)
-            ids |= {"series_uid": uid(key, k), "for_uid": uid(key, k, "for"),
-                    "series_number": str(k + 1)}
-            for i in range(count):
-                rng = random.Random(f"{SEED}/{key}/{k}/{i}")
-                ds = make_instance(src, series, ids | {"sop_uid": uid(key, k, i)}, i + 1, rng)
-                if nested:
-                    rel = (f"{study.entity}/{study.date}_{accession}/"
-                           f"S{k + 1:02d}_{ds.Modality}/IM{i + 1:05d}.dcm")
-                else:
-                    n = flat_counter[study.entity] = flat_counter.get(study.entity, 0) + 1
-                    rel = f"{study.entity}/DICOM/I{n:07d}"
-                path = tmp / "input" / rel
-                path.parent.mkdir(parents=True, exist_ok=True)
-                pydicom.dcmwrite(path, ds, enforce_file_format=True)
-                nbytes += path.stat().st_size
-                files.append(rel)
-        manifest_studies.append({"entity": study.entity, "study_uid": ids["study_uid"],
-                                 "date": study.date, "accession": accession,
-                                 "bytes": nbytes, "files": files})
+        flat_start = flat_counter.get(study.entity, 0)  # flat files are numbered on per entity
+        if not nested:
+            flat_counter[study.entity] = flat_start + sum(counts)
+        jobs.append(StudyJob(name, si, study, tuple(counts), nested, flat_start, tmp / "input"))
+    manifest_studies = run_jobs(jobs)
     manifest = {"recipe": recipe, "input_dir": "input",
                 "files": sum(len(s["files"]) for s in manifest_studies),
                 "bytes": sum(s["bytes"] for s in manifest_studies),
                 "entities": len(entities), "build_seconds": round(time.monotonic() - started, 1),
                 "studies": manifest_studies}
+    if recipe_.bad_files:  # not files of any study: the pipeline must reject each
+        manifest["bad_files"] = [write_bad_file(tmp / "input", bad) for bad in recipe_.bad_files]
+        manifest["build_seconds"] = round(time.monotonic() - started, 1)
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
@@ -275,14 +436,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("names", nargs="+", choices=sorted(CORPORA))
     parser.add_argument("--scale", type=float, default=1.0,
-                        help="size knob: multiplies bytes (or image counts)")
+                        help="size knob: multiplies bytes (or image counts; entities for small-8000)")
     parser.add_argument("--root", type=Path, default=CORPUS_ROOT)
     args = parser.parse_args()
     for name in args.names:
         out = build(name, args.scale, args.root)
         m = json.loads((out / "manifest.json").read_text())
         print(out, flush=True)
-        print(f"  {m['files']} files, {m['bytes'] / 1e6:.1f} MB, {len(m['studies'])} studies, "
+        bad = f" + {len(m['bad_files'])} bad files" if m.get("bad_files") else ""
+        print(f"  {m['files']} files{bad}, {m['bytes'] / 1e6:.1f} MB, {len(m['studies'])} studies, "
               f"{m['entities']} entities, built in {m['build_seconds']} s", file=sys.stderr)
 
 
