@@ -34,6 +34,9 @@ setuptools.setup(
         "local": LOCAL_SQL,
         "dev": [
             *LOCAL_SQL,
+            # Beam builds the staged sdist with it (else with a noisier
+            # fallback) when a Dataflow job or template is built.
+            "build>=1.2",
             "pytest>=8",
             "hypothesis>=6.100",
             # Local emulators for tests and `make run-cloud` (offline).

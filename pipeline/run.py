@@ -15,8 +15,9 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import (DirectOptions,
+                                                  GoogleCloudOptions,
                                                   PipelineOptions,
-                                                  StandardOptions)
+                                                  StandardOptions, TestOptions)
 from apache_beam.portability import python_urns
 from apache_beam.portability.api import beam_provision_api_pb2
 from apache_beam.runners.portability.fn_api_runner import fn_runner
@@ -284,9 +285,16 @@ def run(argv: Optional[List[str]] = None,
     raise OptionsError("--plan on a remote runner needs --report gs://... "
                        "(the plan is written there; nothing is written to "
                        "the bucket)")
+  builds_only = job_is_only_built(options)
+  if builds_only:   # a template: nothing runs, nothing is written
+    p = beam.Pipeline(runner=runner, options=options)
+    build(p, config, run_id, None, read_current)
+    p.run()
+    return {"job": {"built": builds_only}}
+  waits = not launched_by_flex_template(runner)
   if console:
     console.line(start_line(config, run_id))
-  with _lease(config, run_id), run_log(config.log), _local_run_folders(
+  with _lease(config, run_id, waits), run_log(config.log), _local_run_folders(
       runner, run_id) as (spill_dir, progress_dir):
     p = beam.Pipeline(runner=runner, options=options)
     build(p, config, run_id, spill_dir, read_current)
@@ -295,7 +303,11 @@ def run(argv: Optional[List[str]] = None,
     with live_progress(console if progress_dir else None,
                        lambda: read_progress(progress_dir), progress):
       result = p.run()
-      result.wait_until_finish()
+      if not waits:
+        return {"job": {"submitted": _job_where(result, options)}}
+      state = result.wait_until_finish()
+  if state is not None and str(state) not in ("DONE", "PipelineState.DONE"):
+    return {"job": {"ended": f"{_job_where(result, options)} ended {state}"}}
 
   report = read_report(config.report)
   report["summary"]["input_bytes_read"] = (
@@ -326,11 +338,40 @@ def start_line(config: RunConfig, run_id: str) -> str:
           f"{' and '.join(rows)}; log {config.log}")
 
 
+def job_is_only_built(options: PipelineOptions) -> Optional[str]:
+  """Where the job goes when it is only built, not run: a template
+  location (or a runner's dry run); None for a run."""
+  location = options.view_as(GoogleCloudOptions).template_location
+  if location:
+    return f"Dataflow template {location}"
+  if options.view_as(TestOptions).dry_run:
+    return "a dry run of the runner (nothing submitted)"
+  return None
+
+
+def launched_by_flex_template(runner) -> bool:
+  """A flex template's launcher submits the job and exits: it must not
+  wait for the job (the launch would time out)."""
+  return runner is None and bool(os.environ.get(
+      "FLEX_TEMPLATE_PYTHON_PY_FILE"))
+
+
+def _job_where(result, options: PipelineOptions) -> str:
+  job_id = result.job_id() if hasattr(result, "job_id") else None
+  cloud = options.view_as(GoogleCloudOptions)
+  if job_id:
+    return (f"Dataflow job {job_id} (https://console.cloud.google.com/"
+            f"dataflow/jobs/{cloud.region}/{job_id}?project={cloud.project})")
+  return "the job"
+
+
 @contextlib.contextmanager
-def _lease(config: RunConfig, run_id: str) -> Iterator[None]:
+def _lease(config: RunConfig, run_id: str, waits: bool = True
+           ) -> Iterator[None]:
   """The collection's lease for the run (transforms/lease.py); a plan
-  writes nothing and takes none."""
-  if config.plan:
+  writes nothing and takes none, and a launch that does not wait for its
+  job cannot hold one for the job's length."""
+  if config.plan or not waits:
     yield
     return
   lease = Lease(config.bucket, config.collection, run_id,
@@ -376,6 +417,13 @@ def main(argv: Optional[List[str]] = None) -> int:
   with console.logging_to_console(verbose_requested(argv)):
     try:
       report = run(argv, console)
+      if "job" in report:   # nothing ran here: say where the job is
+        (outcome, where), = report["job"].items()
+        if outcome == "ended":
+          console.line(f"error: {where}", sys.stderr)
+          return 1
+        console.line(f"{outcome.capitalize()}: {where}")
+        return 0
     except OptionsError as e:
       console.line(f"error: {e}", sys.stderr)
       return 2
