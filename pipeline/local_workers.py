@@ -61,7 +61,39 @@ def local_worker_count(argv: List[str]) -> int:
   if (known.runner not in (None, "DirectRunner") or
       known.direct_running_mode not in (None, "multi_processing")):
     return 0
+  if (known.direct_running_mode is None and known.direct_num_workers is None
+      and small_local_input(argv)):
+    return 0
   return known.direct_num_workers or default_worker_count()
+
+
+# An input of at most this many local files runs in the driver's own
+# process: starting worker processes (~2 s of imports, overlapped with the
+# driver's) would take longer than the work.
+SMALL_INPUT_FILES = 64
+
+
+def small_local_input(argv: List[str], limit: int = SMALL_INPUT_FILES
+                      ) -> bool:
+  """Whether --input names local folders holding at most `limit` files in
+  all (counted until the limit is passed). Read without importing Beam."""
+  parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+  parser.add_argument("--input")
+  try:
+    roots = (parser.parse_known_args(argv)[0].input or "").split(",")
+  except SystemExit:
+    return False
+  roots = [r.strip() for r in roots if r.strip()]
+  if not roots or any("://" in r or set(r) & set("*?[") or
+                      not os.path.isdir(r) for r in roots):
+    return False
+  count = 0
+  for root in roots:
+    for _, _, names in os.walk(root):
+      count += len(names)
+      if count > limit:
+        return False
+  return True
 
 
 class WarmWorkers:

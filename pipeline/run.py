@@ -23,12 +23,12 @@ from apache_beam.portability.api import beam_provision_api_pb2
 from apache_beam.runners.portability.fn_api_runner import fn_runner
 from apache_beam.runners.portability.portable_runner import JobServiceHandle
 
-from pipeline import __version__
+from pipeline import __version__, beam_tuning
 from pipeline.console import (Console, StorageProgress, live_progress,
                               run_log)
 from pipeline.local_workers import (WarmWorkers, default_worker_count,
                                     return_large_buffers_to_the_os,
-                                    take_warm_workers)
+                                    small_local_input, take_warm_workers)
 from pipeline.options import (OptionsError, RunConfig, StorageOptions,
                               check_arguments, help_text, resolve,
                               verbose_requested)
@@ -77,11 +77,19 @@ def local_runner(options: PipelineOptions, argv: List[str]):
   """
   if options.view_as(StandardOptions).runner not in (None, "DirectRunner"):
     return None
+  beam_tuning.apply()
   direct = options.view_as(DirectOptions)
-  if not any(a.startswith("--direct_num_workers") for a in argv):
-    direct.direct_num_workers = default_worker_count()
-  if not any(a.startswith("--direct_running_mode") for a in argv):
-    direct.direct_running_mode = "multi_processing"
+  chosen = {a.split("=")[0] for a in argv}
+  if not {"--direct_num_workers", "--direct_running_mode"} & chosen and (
+      small_local_input(argv)):
+    # A handful of files: in this process, no worker processes to start.
+    workers, mode = 1, "in_memory"
+  else:
+    workers, mode = default_worker_count(), "multi_processing"
+  if "--direct_num_workers" not in chosen:
+    direct.direct_num_workers = workers
+  if "--direct_running_mode" not in chosen:
+    direct.direct_running_mode = mode
   return_large_buffers_to_the_os()
   encoded = JobServiceHandle.encode_pipeline_options(options.get_all_options())
   provision_info = fn_runner.ExtendedProvisionInfo(

@@ -124,7 +124,8 @@ def test_a_run_prints_no_beam_lines_and_logs_everything(sample, tmp_path):
   done = subprocess.run(
       [sys.executable, "-m", "pipeline", f"--input={root}",
        f"--bucket={tmp_path / 'bucket'}", "--collection=IRB41449",
-       f"--metadata_output={tmp_path / 'metadata'}"],
+       f"--metadata_output={tmp_path / 'metadata'}",
+       "--direct_num_workers=2"],   # worker processes, whose lines are logged
       capture_output=True, text=True, cwd=REPO)
   assert done.returncode == 0, done.stderr
   out = done.stdout.splitlines()

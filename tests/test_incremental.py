@@ -164,27 +164,49 @@ def _wait_for(path: Path, process, limit: float = 60):
     time.sleep(0.05)
 
 
-def test_a_second_run_finds_the_collection_busy(sample, tmp_path):
+def _bigger(sample_root: Path, target: Path, copies: int = 5) -> Path:
+  """The sample five times over (each entity under new names): enough
+  files for worker processes and a run of a few seconds."""
+  for n in range(copies):
+    for entity in sample_root.iterdir():
+      shutil.copytree(entity, target / f"{entity.name}_{n}")
+  return target
+
+
+def test_two_runs_started_together_one_stores_the_other_exits_3(sample,
+                                                                 tmp_path):
+  root = _bigger(sample[0], tmp_path / "input")
+  out = tmp_path / "out"
+  runs = [_cli(root, out, "--direct_num_workers=2",
+               "--direct_running_mode=multi_processing") for _ in range(2)]
+  results = [(r.wait(timeout=300), r.communicate()) for r in runs]
+  codes = sorted(code for code, _ in results)
+  assert codes == [0, 3], [err[-1500:] for _, (_, err) in results]
+  busy = next(err for code, (_, err) in results if code == 3)
+  assert busy.strip().splitlines()[-1].startswith(
+      "error: collection busy: run ")
+  assert not _lease(out).exists()
+
+
+def test_a_run_finding_the_lease_held_exits_or_waits(sample, tmp_path):
+  from transforms.lease import Lease
   root, made = sample
   out = tmp_path / "out"
-  first = _cli(root, out)
-  _wait_for(_lease(out), first)
-  holder = json.loads(_lease(out).read_text())
-  second = _cli(root, out)
-  _, err = second.communicate(timeout=120)
-  assert second.returncode == 3
+  held = Lease(str(out / "bucket"), "IRB41449", "another-run", seconds=60)
+  held.acquire()
+  busy = _cli(root, out)
+  _, err = busy.communicate(timeout=120)
+  assert busy.returncode == 3
   assert err.strip().splitlines()[-1].startswith(
-      f"error: collection busy: run {holder['run_id']} on ")
-  assert first.wait(timeout=300) == 0
-  assert not _lease(out).exists()
-  # With --on_busy=wait, a run started meanwhile waits, then skips all.
-  third = _cli(root, out, "--on_busy=wait", "--full_scan")
-  _wait_for(_lease(out), third)
-  fourth = _cli(root, out, "--on_busy=wait")
-  assert third.wait(timeout=300) == 0
-  out_text, err = fourth.communicate(timeout=300)
-  assert fourth.returncode == 0, err
-  assert "0 objects written" in out_text and "6 skipped" in out_text
+      "error: collection busy: run another-run on ")
+  assert not (out / "metadata").exists()   # nothing done
+  # With --on_busy=wait, it waits for the lease, then runs.
+  waiting = _cli(root, out, "--on_busy=wait")
+  time.sleep(3)
+  assert waiting.poll() is None   # still waiting
+  held.release()
+  out_text, err = waiting.communicate(timeout=300)
+  assert waiting.returncode == 0, err
   assert len(read_rows(out / "metadata")) == len(made["kept"])
 
 

@@ -142,15 +142,17 @@ class _Decide(beam.DoFn):
 
   def process(self, grouped) -> Iterable[Any]:
     entity, parts = grouped
+    # Entities recorded but not in this run's input give nothing.
     listed = sorted(set(parts["files"]))
-    if not listed:
-      return   # recorded, but not in this run's input
     current, ledger = list(parts["current"]), list(parts["ledger"])
-    if not unchanged(listed, current, ledger, self.rules):
+    if listed and unchanged(listed, current, ledger, self.rules):
+      yield from self._as_recorded(entity, listed, current, ledger)
+    else:
       for start in range(0, len(listed), FILES_PER_BATCH):
         yield (random.getrandbits(32), json.dumps(
             [entity, listed[start:start + FILES_PER_BATCH]]))
-      return
+
+  def _as_recorded(self, entity, listed, current, ledger) -> Iterable[Any]:
     for study in recorded_studies(entity, listed, current):
       self.not_read.inc(len(study.files))
       yield beam.pvalue.TaggedOutput(SKIPPED_TAG, study)
