@@ -26,6 +26,26 @@ TABLE_PATTERN = re.compile(
     r"\.(?P<table>[A-Za-z0-9_]{1,1024})$")
 
 
+def rows_table(opts) -> Optional[str]:
+  """PROJECT:DATASET.TABLE of the rows, from --bigquery_table, or from
+  --bigquery_project and --collection; None when BigQuery is not named.
+  Raises OptionsError for a malformed one."""
+  table = getattr(opts, "bigquery_table", None)
+  if table:
+    if not TABLE_PATTERN.match(table):
+      raise OptionsError(f"--bigquery_table {table!r} is not "
+                         "PROJECT:DATASET.TABLE")
+    return table
+  project = getattr(opts, "bigquery_project", None)
+  if project:
+    table = f"{project}:{opts.collection}.dicom"
+    if not TABLE_PATTERN.match(table):
+      raise OptionsError(f"--bigquery_project {project!r} is not a project "
+                         "id")
+    return table
+  return None
+
+
 def env_bucket() -> Optional[str]:
   """$GOOGLE_CLOUD_STORAGE; the original config named a bare bucket
   ('som-pacs'), which means gs://som-pacs."""

@@ -16,7 +16,7 @@ import threading
 from typing import List, Optional
 
 from pipeline.console import Console, duration, live_progress, megabytes
-from pipeline.cli import TABLE_PATTERN, OneLineParser
+from pipeline.cli import OneLineParser, OptionsError, rows_table
 from transforms.access import AccessError, check_cloud_access
 from transforms.export import (DEFAULT_WORKERS, FAILED, LAYOUTS, MANIFEST,
                                ExportStats, count_sql, export_cohort,
@@ -120,13 +120,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
       if args.workers < 1:
         raise QueryError("--workers must be at least 1")
-      if args.bigquery_table:
-        if not TABLE_PATTERN.match(args.bigquery_table):
-          raise QueryError(f"--bigquery_table {args.bigquery_table!r} is not "
-                           "PROJECT:DATASET.TABLE")
+      if rows_table(args):
         check_cloud_access("gs://", args.bigquery_table)
       rows, count = _rows_and_count(args, parse_parameters(args.param))
-    except (QueryError, AccessError) as e:
+    except (OptionsError, QueryError, AccessError) as e:
       console.line(f"error: {e}", sys.stderr)
       return 2
     except Exception as e:  # pylint: disable=broad-except

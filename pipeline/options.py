@@ -15,7 +15,7 @@ from apache_beam.options.pipeline_options import (PipelineOptions,
                                                   _BeamArgumentParser)
 
 from pipeline import __version__
-from pipeline.cli import TABLE_PATTERN, OptionsError, env_bucket  # noqa: F401
+from pipeline.cli import OptionsError, env_bucket, rows_table  # noqa: F401
 from transforms import dicom, discover, phi, studies
 from transforms.archive_format import DEFAULT_COMPRESSION_LEVEL
 from transforms.lease import DEFAULT_LEASE_SECONDS
@@ -315,18 +315,7 @@ def rules_fingerprint(rules: List[str], recipe_text: Optional[str],
 
 def bigquery_table(opts: StorageOptions) -> Optional[str]:
   """PROJECT:DATASET.TABLE for the rows, or None when BigQuery is not used."""
-  if opts.bigquery_table:
-    if not TABLE_PATTERN.match(opts.bigquery_table):
-      raise OptionsError(f"--bigquery_table {opts.bigquery_table!r} is not "
-                         "PROJECT:DATASET.TABLE")
-    return opts.bigquery_table
-  if opts.bigquery_project:
-    table = f"{opts.bigquery_project}:{opts.collection}.dicom"
-    if not TABLE_PATTERN.match(table):
-      raise OptionsError(f"--bigquery_project {opts.bigquery_project!r} is "
-                         "not a project id")
-    return table
-  return None
+  return rows_table(opts)
 
 
 def _read_text(path: str, option: str) -> str:

@@ -27,8 +27,7 @@ from apache_beam.io.filesystems import FileSystems
 from pipeline import __version__
 from pipeline.console import (Console, duration, live_progress, megabytes,
                               run_log)
-from pipeline.cli import (TABLE_PATTERN, OneLineParser, OptionsError,
-                          env_bucket)
+from pipeline.cli import OneLineParser, OptionsError, env_bucket, rows_table
 from transforms import report_html
 from transforms.access import AccessError, check_cloud_access
 from transforms.keys import UnsafeKeyComponent, check_collection, join_uri
@@ -99,21 +98,6 @@ class VerifyProgress:
     return " | ".join(parts)
 
 
-def _table(args) -> Optional[str]:
-  if args.bigquery_table:
-    if not TABLE_PATTERN.match(args.bigquery_table):
-      raise OptionsError(f"--bigquery_table {args.bigquery_table!r} is not "
-                         "PROJECT:DATASET.TABLE")
-    return args.bigquery_table
-  if args.bigquery_project:
-    table = f"{args.bigquery_project}:{args.collection}.dicom"
-    if not TABLE_PATTERN.match(table):
-      raise OptionsError(f"--bigquery_project {args.bigquery_project!r} is "
-                         "not a project id")
-    return table
-  return None
-
-
 def _rows(table: Optional[str], metadata_output: Optional[str]):
   """The current rows, ordered by object."""
   if table:
@@ -174,7 +158,7 @@ def verify(args, console: Optional[Console], verify_id: str
     check_collection(args.collection)
   except UnsafeKeyComponent as e:
     raise OptionsError(f"--collection: {e}") from e
-  table = _table(args)
+  table = rows_table(args)
   if not table and not args.metadata_output:
     raise OptionsError("where are the rows? --bigquery_table, "
                        "--bigquery_project or --metadata_output")

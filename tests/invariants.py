@@ -118,3 +118,20 @@ def check_run(input_root: Path, bucket: Path, rows: List[dict], report: dict,
     assert sha256(member_bytes) == st["member_sha256"]
     assert member_bytes == members_by_object[obj][st["member"]]
   return objects
+
+
+def archive_holding(member: str, data: bytes) -> bytes:
+  """A study object made by hand (as someone tampering would) holding one
+  file as its member, with a manifest that lists it."""
+  from transforms.archive_format import StudyArchiveWriter
+  import json
+  sink = io.BytesIO()
+  writer = StudyArchiveWriter(sink)
+  offset, length = writer.add_bytes(member, data)
+  manifest = {"members": [{"member": member, "sop_instance_uid": "9.9",
+                           "sha256": sha256(data), "size_bytes": len(data),
+                           "member_offset": offset, "member_length": length}]}
+  root = member.split("/", 1)[0]
+  writer.close(*writer.add_bytes(f"{root}/manifest.json",
+                                 json.dumps(manifest).encode()))
+  return sink.getvalue()

@@ -21,20 +21,13 @@ from apache_beam.portability.api import beam_runner_api_pb2
 from apache_beam.runners.portability.fn_api_runner import fn_runner
 
 from conftest import IN_PROCESS, read_rows, run_pipeline
+from test_cloud import upload_tree
 from transforms.gcs import storage_client
 
 REPO = Path(__file__).parents[1]
 PINNED = re.search(r'BEAM_VERSION = "([^"]+)"',
                    (REPO / "setup.py").read_text()).group(1)
 DOCKERFILE = REPO / "templates" / "Dockerfile"
-
-
-def _upload(root: Path, bucket: str, prefix: str) -> None:
-  client = storage_client()
-  for path in sorted(p for p in root.rglob("*") if p.is_file()):
-    client.bucket(bucket).blob(
-        f"{prefix}/{path.relative_to(root).as_posix()}").upload_from_filename(
-            str(path))
 
 
 # Rows go to a local folder: the storage emulator refuses the batch copies
@@ -55,7 +48,7 @@ def built_job(emulators, sample, tmp_path_factory):
   root, made = sample
   emulators["create_bucket"]("dataflow-in")
   emulators["create_bucket"]("dataflow")
-  _upload(root, "dataflow-in", "in")
+  upload_tree(root, "dataflow-in", "in")
   rows = tmp_path_factory.mktemp("dataflow_rows")
   done = subprocess.run(
       [sys.executable, "-m", "pipeline",

@@ -1,7 +1,5 @@
 """python -m pipeline.verify on a local bucket and local rows: from a
 clean run, each kind of damage is found and named, and nothing else."""
-import hashlib
-import io
 import json
 import shutil
 from pathlib import Path
@@ -10,7 +8,7 @@ import pytest
 
 from conftest import read_rows, run_pipeline
 from pipeline.verify import main
-from transforms.archive_format import StudyArchiveWriter
+from invariants import archive_holding
 from transforms.verify import sampled
 
 
@@ -124,20 +122,10 @@ def test_a_flagged_file_inside_an_object_is_found_with_input(collection,
                                                              tmp_path):
   """The PHI proof: an object someone made holding a flagged file."""
   root, made, out = collection
-  flagged = made["flagged"][0].read_bytes()
-  sink = io.BytesIO()
-  writer = StudyArchiveWriter(sink)
   name = "SUBJ001_20190110_HIDDEN/PHI/suspect.dcm"
-  offset, length = writer.add_bytes(name, flagged)
-  manifest = {"members": [{"member": name, "sop_instance_uid": "1.2.3",
-                           "sha256": hashlib.sha256(flagged).hexdigest(),
-                           "size_bytes": len(flagged), "member_offset": offset,
-                           "member_length": length}]}
-  writer.close(*writer.add_bytes("SUBJ001_20190110_HIDDEN/manifest.json",
-                                 json.dumps(manifest).encode()))
   hidden = (out / "bucket" / "Collection/IRB41449/Entity/SUBJ001/"
             "SUBJ001_20190110_HIDDEN.tar.gz")
-  hidden.write_bytes(sink.getvalue())
+  hidden.write_bytes(archive_holding(name, made["flagged"][0].read_bytes()))
   code, report = verify(out, tmp_path, f"--input={root}")
   assert code == 1
   stored = _problems(report, "flagged_file_stored")

@@ -1,8 +1,6 @@
 """python -m pipeline.verify against the emulators: Cloud Storage objects
 checked by generation, BigQuery's current rows; from a clean run, each
 kind of damage found and named."""
-import hashlib
-import io
 import json
 
 import pytest
@@ -10,7 +8,7 @@ import pytest
 from conftest import IN_PROCESS, PROJECT
 from pipeline.run import run
 from pipeline.verify import main
-from transforms.archive_format import StudyArchiveWriter
+from invariants import archive_holding
 from transforms.bigquery import bigquery_client
 from transforms.gcs import storage_client
 
@@ -114,19 +112,10 @@ def test_a_study_whose_rows_are_gone_is_an_orphan(stored, tmp_path, sample):
 
 def test_a_flagged_file_inside_an_object(stored, tmp_path):
   root, made, name, table = stored
-  flagged = made["flagged"][1].read_bytes()
-  sink = io.BytesIO()
-  writer = StudyArchiveWriter(sink)
   member = "SUBJ001_20190110_X/burned.dcm"
-  offset, length = writer.add_bytes(member, flagged)
-  manifest = {"members": [{"member": member, "sop_instance_uid": "9.9",
-                           "sha256": hashlib.sha256(flagged).hexdigest(),
-                           "size_bytes": len(flagged), "member_offset": offset,
-                           "member_length": length}]}
-  writer.close(*writer.add_bytes("SUBJ001_20190110_X/manifest.json",
-                                 json.dumps(manifest).encode()))
   key = "Collection/IRB41449/Entity/SUBJ001/SUBJ001_20190110_X.tar.gz"
-  storage_client().bucket(name).blob(key).upload_from_string(sink.getvalue())
+  storage_client().bucket(name).blob(key).upload_from_string(
+      archive_holding(member, made["flagged"][1].read_bytes()))
   code, report = verify(name, table, tmp_path, f"--input={root}")
   assert code == 1
   assert [(p["object"], p["member"]) for p in report["problems"][
