@@ -108,7 +108,8 @@ class _GcsStore:
   def __init__(self, uri: str, client):
     from transforms.gcs import blob_for
     self.blob = blob_for(client, uri)
-    self.generation: Optional[int] = None
+    self.generation: Optional[int] = None        # of the lease we hold
+    self._read_generation: Optional[int] = None  # of the one last read
 
   def create(self, body: bytes) -> bool:
     from google.api_core.exceptions import PreconditionFailed
