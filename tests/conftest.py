@@ -1,6 +1,8 @@
 """Shared fixtures: a generated sample tree and a way to run the pipeline."""
 from __future__ import annotations
 
+import csv
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -65,6 +67,37 @@ def read_rows(metadata_dir: Path, run_id: str = "") -> List[dict]:
   for path in sorted(metadata_dir.glob(f"rows-{run_id or '*'}-*.json")):
     rows += [json.loads(line) for line in path.read_text().splitlines() if line]
   return rows
+
+
+def export_manifest(out: Path):
+  with open(out / "manifest.csv", newline="") as f:
+    return list(csv.DictReader(f))
+
+
+def check_export_folder(out: Path, expected, layout="uid"):
+  """Every expected instance exported, byte for byte, and nothing else;
+  the manifest says where each is and what it is."""
+  files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*")
+                 if p.is_file() and p.name not in ("manifest.csv", "failed.csv"))
+  want = {}
+  for instance in expected:
+    if layout == "uid":
+      rel = (f"{instance.entity}/{instance.study_uid}/{instance.series_uid}/"
+             f"{instance.sop_uid}.dcm")
+    else:
+      rel = f"{instance.entity}/" + "/".join(instance.path.parts[-3:])
+    want[rel] = instance
+  assert files == sorted(want)
+  for rel, instance in want.items():
+    assert (out / rel).read_bytes() == instance.path.read_bytes(), rel
+  manifest = export_manifest(out)
+  assert sorted(m["path"] for m in manifest) == sorted(want)
+  for m in manifest:
+    data = (out / m["path"]).read_bytes()
+    assert m["sha256"] == hashlib.sha256(data).hexdigest()
+    assert int(m["size_bytes"]) == len(data)
+    assert m["sop_instance_uid"] == want[m["path"]].sop_uid
+    assert int(m["member_length"]) > 0 and m["object_uri"].endswith(".tar.gz")
 
 
 @pytest.fixture(scope="session")

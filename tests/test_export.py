@@ -2,7 +2,6 @@
 by a condition and by a query, files identical to the originals, a
 manifest, resumable, and every image that cannot be had named."""
 import csv
-import hashlib
 import os
 import subprocess
 import sys
@@ -10,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_pipeline
+from conftest import check_export_folder, export_manifest, run_pipeline
 from pipeline.export import main
 
 REPO = Path(__file__).parents[1]
@@ -34,37 +33,6 @@ def _export(metadata, out, *args):
   return main([f"--metadata_output={metadata}", f"--out={out}", *args])
 
 
-def _manifest(out: Path):
-  with open(out / "manifest.csv", newline="") as f:
-    return list(csv.DictReader(f))
-
-
-def _check_folder(out: Path, expected, layout="uid"):
-  """Every expected instance exported, byte for byte, and nothing else;
-  the manifest says where each is and what it is."""
-  files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*")
-                 if p.is_file() and p.name not in ("manifest.csv", "failed.csv"))
-  want = {}
-  for instance in expected:
-    if layout == "uid":
-      rel = (f"{instance.entity}/{instance.study_uid}/{instance.series_uid}/"
-             f"{instance.sop_uid}.dcm")
-    else:
-      rel = f"{instance.entity}/" + "/".join(instance.path.parts[-3:])
-    want[rel] = instance
-  assert files == sorted(want)
-  for rel, instance in want.items():
-    assert (out / rel).read_bytes() == instance.path.read_bytes(), rel
-  manifest = _manifest(out)
-  assert sorted(m["path"] for m in manifest) == sorted(want)
-  for m in manifest:
-    data = (out / m["path"]).read_bytes()
-    assert m["sha256"] == hashlib.sha256(data).hexdigest()
-    assert int(m["size_bytes"]) == len(data)
-    assert m["sop_instance_uid"] == want[m["path"]].sop_uid
-    assert int(m["member_length"]) > 0 and m["object_uri"].endswith(".tar.gz")
-
-
 def _in(made, entity_study=None, series=None):
   return [k for k in made["kept"]
           if (entity_study is None or k.path.parts[-3] == entity_study)
@@ -77,13 +45,13 @@ def test_a_cohort_by_modality_and_a_nested_condition(stored, tmp_path, capsys):
   assert _export(metadata, ct, "--where",
                  "Modality = 'CT' AND JSON_VALUE(metadata, "
                  "'$.BodyPartExamined') = 'CHEST'") == 0
-  chest_ct = {m["sop_instance_uid"] for m in _manifest(ct)}
-  _check_folder(ct, [k for k in made["kept"] if k.sop_uid in chest_ct])
+  chest_ct = {m["sop_instance_uid"] for m in export_manifest(ct)}
+  check_export_folder(ct, [k for k in made["kept"] if k.sop_uid in chest_ct])
   assert len(chest_ct) == 6   # CT sources in the sample's chest studies
   nested = tmp_path / "nested"
   assert _export(metadata, nested, "--where", PROCEDURE,
                  "--param", "code=36643-5") == 0
-  _check_folder(nested, _in(made, entity_study="study2"))
+  check_export_folder(nested, _in(made, entity_study="study2"))
   assert "18 written" in capsys.readouterr().out
 
 
@@ -92,7 +60,7 @@ def test_a_cohort_by_a_query_file_in_the_member_layout(stored, tmp_path):
   out = tmp_path / "localizers"
   assert _export(metadata, out, f"--sql=@{QUERIES / 'localizer_images.sql'}",
                  "--layout=member") == 0
-  _check_folder(out, _in(made, series="series1"), layout="member")
+  check_export_folder(out, _in(made, series="series1"), layout="member")
 
 
 def test_a_second_export_writes_nothing(stored, tmp_path, capsys):
@@ -105,7 +73,7 @@ def test_a_second_export_writes_nothing(stored, tmp_path, capsys):
   said = capsys.readouterr().out
   assert "0 written, 36 already there" in said and "in 0 requests" in said
   assert {p: p.stat().st_mtime_ns for p in out.rglob("*.dcm")} == before
-  _check_folder(out, made["kept"])
+  check_export_folder(out, made["kept"])
 
 
 def test_a_killed_export_is_completed_by_running_it_again(stored, tmp_path):
@@ -124,7 +92,7 @@ def test_a_killed_export_is_completed_by_running_it_again(stored, tmp_path):
   assert not list(out.rglob("*.exporting"))
   clean = tmp_path / "clean"
   assert _export(metadata, clean, "--where", "TRUE") == 0
-  _check_folder(out, made["kept"])
+  check_export_folder(out, made["kept"])
   assert (out / "manifest.csv").read_text() == (
       clean / "manifest.csv").read_text()
 
@@ -156,7 +124,7 @@ def test_a_corrupt_member_and_a_missing_object_are_named(sample, tmp_path,
   assert ("SHA-256 mismatch" in by_object[str(corrupt)][0]
           or "gzip" in by_object[str(corrupt)][0])
   failed_sops = {f["sop_instance_uid"] for f in failed}
-  _check_folder(out, [k for k in made["kept"] if k.sop_uid not in failed_sops])
+  check_export_folder(out, [k for k in made["kept"] if k.sop_uid not in failed_sops])
   assert run["summary"]["kept"] == 36
 
 
