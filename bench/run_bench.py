@@ -880,38 +880,30 @@ def emulator_verify(corpus: Corpus, work: Path, args: argparse.Namespace) -> dic
     """The pipeline run against the Cloud Storage and BigQuery emulators
     (devtools/emulators.py, reached by STORAGE_EMULATOR_HOST and
     BIGQUERY_EMULATOR_HOST as clients are), then verify on them."""
-    sys.path.insert(0, str(args.pipeline_dir))
+    sys.path.insert(0, str(REPO_DIR))   # the bench's own emulator helpers
     try:
-        from devtools.emulators import bigquery_emulator, create_bucket, gcs_emulator
+        from devtools.emulators import (bigquery_emulator, clients_reach,
+                                        create_bucket, gcs_emulator)
     finally:
         sys.path.pop(0)
-    names = ("STORAGE_EMULATOR_HOST", "BIGQUERY_EMULATOR_HOST")
-    saved = {k: os.environ.get(k) for k in names}
     gcs_root = work / "gcs"
     gcs_root.mkdir(parents=True)
     runs: dict[str, dict[str, Any]] = {}
     with gcs_emulator(root=gcs_root) as gcs_url, \
-            bigquery_emulator(EMULATOR_PROJECT, gcs_root=gcs_root) as bq_url:
-        os.environ.update(zip(names, (gcs_url, bq_url)))
-        try:
-            create_bucket(gcs_url, "bench")
-            corpus.warm()
-            m = timed("pipeline", [sys.executable, "-m", "pipeline", "--input", str(corpus.input),
-                                   "--bucket", "gs://bench", "--collection", COLLECTION,
-                                   "--bigquery_project", EMULATOR_PROJECT,
-                                   "--report", str(work / "run" / "report.json")],
-                      args.pipeline_dir, work / "log-pipeline.txt", args)
-            summary = read_json(work / "run" / "report.json").get("summary", {})
-            runs["emulators: pipeline run"] = case_row(m, summary=summary, objects_checked=summary.get("objects"))
-            if m.rc == 0:
-                runs |= verify_runs("emulators", "gs://bench", ["--bigquery_project", EMULATOR_PROJECT],
-                                    work, args)
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
+            bigquery_emulator(EMULATOR_PROJECT, gcs_root=gcs_root) as bq_url, \
+            clients_reach(gcs_url, bq_url):
+        create_bucket(gcs_url, "bench")
+        corpus.warm()
+        m = timed("pipeline", [sys.executable, "-m", "pipeline", "--input", str(corpus.input),
+                               "--bucket", "gs://bench", "--collection", COLLECTION,
+                               "--bigquery_project", EMULATOR_PROJECT,
+                               "--report", str(work / "run" / "report.json")],
+                  args.pipeline_dir, work / "log-pipeline.txt", args)
+        summary = read_json(work / "run" / "report.json").get("summary", {})
+        runs["emulators: pipeline run"] = case_row(m, summary=summary, objects_checked=summary.get("objects"))
+        if m.rc == 0:
+            runs |= verify_runs("emulators", "gs://bench", ["--bigquery_project", EMULATOR_PROJECT],
+                                work, args)
     return runs
 
 

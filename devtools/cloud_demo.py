@@ -10,12 +10,12 @@ query and of a nested-sequence query, fetches one image back with one ranged rea
 from __future__ import annotations
 
 import hashlib
-import os
 import subprocess
 import sys
 from pathlib import Path
 
-from devtools.emulators import bigquery_emulator, create_bucket, gcs_emulator
+from devtools.emulators import (bigquery_emulator, clients_reach,
+                                create_bucket, gcs_emulator)
 
 PROJECT = "demo-project"
 COLLECTION = "IRB41449"
@@ -32,9 +32,8 @@ def shipped_query(name: str, **params):
 
 def main() -> int:
   sample = Path(sys.argv[1] if len(sys.argv) > 1 else "sample/input")
-  with gcs_emulator() as gcs, bigquery_emulator(PROJECT) as bq:
-    os.environ["STORAGE_EMULATOR_HOST"] = gcs
-    os.environ["BIGQUERY_EMULATOR_HOST"] = bq
+  with gcs_emulator() as gcs, bigquery_emulator(PROJECT) as bq, \
+      clients_reach(gcs, bq):
     create_bucket(gcs, "radiology")
     print(f"Cloud Storage emulator at {gcs}, BigQuery emulator at {bq}\n")
     command = [sys.executable, "-m", "pipeline", f"--input={sample}",

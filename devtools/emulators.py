@@ -15,7 +15,8 @@ whole group, so no server outlives the test.
   the extension directory of a private ``HOME`` first. Clients follow
   ``BIGQUERY_EMULATOR_HOST=<url>`` (Beam needs transforms.bigquery_emulator).
 
-Neither context manager changes ``os.environ``: callers set the variables.
+Neither context manager changes ``os.environ``: ``clients_reach`` points
+the variables at them for a with-block.
 """
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional
+from unittest import mock
 
 START_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 10.0
@@ -159,6 +161,16 @@ def gcs_emulator(root: Optional[Path] = None) -> Iterator[str]:
             "-log-level", "warn"]
     with _server("fake-gcs-server", argv, f"{url}/storage/v1/b", Path(tmp)):
       yield url
+
+
+def clients_reach(gcs_url: str, bigquery_url: Optional[str] = None):
+  """A with-block in which clients made reach these emulators, through the
+  standard STORAGE_EMULATOR_HOST and BIGQUERY_EMULATOR_HOST; the
+  environment is put back as it was after, on failure too."""
+  hosts = {"STORAGE_EMULATOR_HOST": gcs_url}
+  if bigquery_url:
+    hosts["BIGQUERY_EMULATOR_HOST"] = bigquery_url
+  return mock.patch.dict(os.environ, hosts)
 
 
 def create_bucket(gcs_url: str, bucket: str, project: str = "test") -> None:

@@ -32,6 +32,10 @@ def _flag(value: str) -> bool:
   raise argparse.ArgumentTypeError(f"expected true or false, not {value!r}")
 
 
+# A switch: --plan alone, or --plan=true/false as flex templates pass it.
+FLAG = dict(type=_flag, nargs="?", const=True, default=False)
+
+
 class StorageOptions(PipelineOptions):
   """Options of the DICOM storage step (standard Beam options pass through)."""
 
@@ -90,7 +94,7 @@ class StorageOptions(PipelineOptions):
         help="Text file (local or gs://) listing the entity ids to process, "
              "one per line; other entity folders are left alone.")
     parser.add_argument(
-        "--overwrite", type=_flag, nargs="?", const=True, default=False,
+        "--overwrite", **FLAG,
         help="Rewrite every study object and its rows, even when the stored "
              "object already holds exactly these images.")
     parser.add_argument(
@@ -101,7 +105,7 @@ class StorageOptions(PipelineOptions):
         "--bigquery_table",
         help="Send rows to this table instead: PROJECT:DATASET.TABLE.")
     parser.add_argument(
-        "--full_scan", type=_flag, nargs="?", const=True, default=False,
+        "--full_scan", **FLAG,
         help="Read every file, even of entity folders that are unchanged "
              "since earlier runs (same paths, sizes and modification times "
              "or generations): what --overwrite does too.")
@@ -115,7 +119,7 @@ class StorageOptions(PipelineOptions):
              "(renewed every third of it): a killed run blocks the next one "
              f"at most this long. Default: {DEFAULT_LEASE_SECONDS}.")
     parser.add_argument(
-        "--plan", type=_flag, nargs="?", const=True, default=False,
+        "--plan", **FLAG,
         help="A dry run for review: list, read headers, apply the PHI rules, "
              "group studies and decide what each would be (written, rows "
              "completed, skipped); write no object, no row, no dead letter. "
@@ -123,7 +127,7 @@ class StorageOptions(PipelineOptions):
              "report: <metadata_output>/plan.json, else "
              "./plan-<run id>/plan.json (never in the bucket).")
     parser.add_argument(
-        "--verbose", type=_flag, nargs="?", const=True, default=False,
+        "--verbose", **FLAG,
         help="Show every log line on the console (Beam's and the workers' "
              "too). Every run's full log is in run-<run id>.log beside the "
              "report either way.")

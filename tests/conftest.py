@@ -4,7 +4,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import List
 
@@ -119,18 +118,8 @@ def emulators(tmp_path_factory):
   the variables restored, when the module ends, even on failure."""
   emulators = pytest.importorskip("devtools.emulators")
   gcs_root = tmp_path_factory.mktemp("gcs")
-  saved = {k: os.environ.get(k) for k in
-           ("STORAGE_EMULATOR_HOST", "BIGQUERY_EMULATOR_HOST")}
   with emulators.gcs_emulator(root=gcs_root) as gcs_url, \
-      emulators.bigquery_emulator(PROJECT, gcs_root=gcs_root) as bq_url:
-    os.environ["STORAGE_EMULATOR_HOST"] = gcs_url
-    os.environ["BIGQUERY_EMULATOR_HOST"] = bq_url
-    try:
-      yield {"gcs": gcs_url, "bigquery": bq_url, "project": PROJECT,
-             "create_bucket": lambda name: emulators.create_bucket(gcs_url, name)}
-    finally:
-      for k, v in saved.items():
-        if v is None:
-          os.environ.pop(k, None)
-        else:
-          os.environ[k] = v
+      emulators.bigquery_emulator(PROJECT, gcs_root=gcs_root) as bq_url, \
+      emulators.clients_reach(gcs_url, bq_url):
+    yield {"gcs": gcs_url, "bigquery": bq_url, "project": PROJECT,
+           "create_bucket": lambda name: emulators.create_bucket(gcs_url, name)}

@@ -4,11 +4,11 @@ with everything stored, exactly once."""
 from __future__ import annotations
 
 import collections
-import os
 
 import pytest
 
 from conftest import IN_PROCESS, PROJECT
+from devtools.emulators import clients_reach
 from devtools.proxy import Faults, proxy_to
 from pipeline.run import run
 from test_cloud import query
@@ -18,17 +18,11 @@ from transforms.gcs import storage_client
 @pytest.fixture
 def flaky(emulators):
   """Both emulators behind fault-injecting proxies, for one test."""
-  saved = {k: os.environ[k] for k in ("STORAGE_EMULATOR_HOST",
-                                      "BIGQUERY_EMULATOR_HOST")}
   faults = Faults(unavailable=0.15, cut=0.05, seed=3)
   with proxy_to(emulators["gcs"], faults) as gcs, \
-      proxy_to(emulators["bigquery"], faults) as bq:
-    os.environ["STORAGE_EMULATOR_HOST"] = gcs.url
-    os.environ["BIGQUERY_EMULATOR_HOST"] = bq.url
-    try:
-      yield gcs, bq
-    finally:
-      os.environ.update(saved)
+      proxy_to(emulators["bigquery"], faults) as bq, \
+      clients_reach(gcs.url, bq.url):
+    yield gcs, bq
 
 
 def test_transient_errors_are_retried_and_nothing_is_lost(emulators, sample, flaky):
@@ -60,16 +54,12 @@ def test_a_study_refused_for_good_fails_alone(emulators, sample, tmp_path):
   root, made = sample
   emulators["create_bucket"]("denied")
   key = "SUBJ002_20190210_ACC0201.tar.gz"
-  saved = os.environ["STORAGE_EMULATOR_HOST"]
-  with proxy_to(emulators["gcs"], Faults(forbid=key)) as gcs:
-    os.environ["STORAGE_EMULATOR_HOST"] = gcs.url
-    try:
-      code = main([f"--input={root}", "--bucket=gs://denied",
-                   "--collection=IRB41449",
-                   f"--bigquery_table={PROJECT}:DENIED.dicom",
-                   f"--report={tmp_path / 'report.json'}", *IN_PROCESS])
-    finally:
-      os.environ["STORAGE_EMULATOR_HOST"] = saved
+  with proxy_to(emulators["gcs"], Faults(forbid=key)) as gcs, \
+      clients_reach(gcs.url):
+    code = main([f"--input={root}", "--bucket=gs://denied",
+                 "--collection=IRB41449",
+                 f"--bigquery_table={PROJECT}:DENIED.dicom",
+                 f"--report={tmp_path / 'report.json'}", *IN_PROCESS])
   assert code == 1
   report = read_report(str(tmp_path / "report.json"))
   doomed = {str(k.path) for k in made["kept"]
