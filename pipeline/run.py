@@ -41,7 +41,7 @@ from transforms.bigquery_emulator import (use_emulator_if_configured,
                                           worker_plugin_args)
 from transforms.current import ReadCurrentRows, by_study
 from transforms.dicom import ReadHeaders
-from transforms.gcs import blob_for, storage_client
+from transforms.gcs import blob_for, split_gs_uri, storage_client
 from transforms.discover import (DiscoverEntityFiles, InputError,
                                  check_input_roots, listing_patterns)
 from transforms.keys import join_uri
@@ -133,11 +133,7 @@ def check_destination(bucket: str, run_id: str) -> None:
         f.write(b"probe")
       FileSystems.delete([probe])
   except Exception as e:  # pylint: disable=broad-except
-    bucket_name = bucket[len("gs://"):].split("/")[0] if bucket.startswith(
-        "gs://") else None
-    raise OptionsError(f"--bucket {bucket!r} is not writable: " + (
-        explain_forbidden(e, bucket=bucket_name) if bucket_name else str(e))
-                       ) from e
+    raise _bucket_error(bucket, "is not writable", e) from e
 
 
 def check_readable(bucket: str, collection: str) -> None:
@@ -145,16 +141,21 @@ def check_readable(bucket: str, collection: str) -> None:
   them, and writes nothing)."""
   try:
     if bucket.startswith("gs://"):
-      name = bucket[len("gs://"):].split("/")[0]
-      list(storage_client().list_blobs(
-          name, prefix=f"Collection/{collection}/", max_results=1))
+      name, prefix = split_gs_uri(join_uri(bucket, f"Collection/{collection}/"))
+      list(storage_client().list_blobs(name, prefix=prefix, max_results=1))
     elif os.path.exists(bucket) and not os.path.isdir(bucket):
       raise OSError("not a folder")
   except Exception as e:  # pylint: disable=broad-except
-    name = bucket[len("gs://"):].split("/")[0] if bucket.startswith(
-        "gs://") else None
-    raise OptionsError(f"--bucket {bucket!r} cannot be read: " + (
-        explain_forbidden(e, bucket=name) if name else str(e))) from e
+    raise _bucket_error(bucket, "cannot be read", e) from e
+
+
+def _bucket_error(bucket: str, what: str, e: Exception) -> OptionsError:
+  """One line: the bucket, what it cannot do, and the fix when Cloud
+  Storage refused."""
+  if not bucket.startswith("gs://"):
+    return OptionsError(f"--bucket {bucket!r} {what}: {e}")
+  return OptionsError(f"--bucket {bucket!r} {what}: "
+                      + explain_forbidden(e, bucket=split_gs_uri(bucket)[0]))
 
 
 def check_targets(config: RunConfig, run_id: str) -> bool:

@@ -120,3 +120,20 @@ def test_a_flagged_file_inside_an_object(stored, tmp_path):
   assert code == 1
   assert [(p["object"], p["member"]) for p in report["problems"][
       "flagged_file_stored"]] == [(key, member)]
+
+
+def test_a_bucket_with_a_folder_in_it(emulators, sample, tmp_path):
+  """--bucket gs://BUCKET/FOLDER: the run writes under the folder, and
+  verify lists the collection there (not at the bucket's root)."""
+  root, made = sample
+  emulators["create_bucket"]("with-folder")
+  table = f"{PROJECT}:WITH_FOLDER.dicom"
+  # A stray object at the root's Collection/ must not be taken for one.
+  storage_client().bucket("with-folder").blob(
+      "Collection/IRB41449/Entity/X/stray.tar.gz").upload_from_string(b"x")
+  run([f"--input={root}", "--bucket=gs://with-folder/archive",
+       "--collection=IRB41449", f"--bigquery_table={table}", *IN_PROCESS])
+  assert len([b for b in _blobs("with-folder")]) == 1   # only the stray
+  code, report = verify("with-folder/archive", table, tmp_path)
+  assert code == 0, _kinds(report)
+  assert report["summary"]["objects_checked"] == 6

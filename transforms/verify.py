@@ -32,6 +32,7 @@ from typing import (Any, Dict, FrozenSet, Iterable, Iterator, List, Optional,
 
 from transforms.archive_format import RetrievalError
 from transforms.files import open_binary
+from transforms.gcs import split_gs_uri
 from transforms.keys import STUDY_OBJECT_KEY_PATTERN, join_uri
 from transforms.retrieve import Member, member_runs, read_manifest, read_members
 
@@ -90,10 +91,13 @@ def list_objects(bucket: str, collection: str, gcs_client=None
   """Every object under Collection/<collection>/, in key order."""
   prefix = f"Collection/{collection}/"
   if bucket.startswith("gs://"):
-    name = bucket[len("gs://"):].split("/")[0]
-    return sorted((StoredObject(b.name, f"gs://{name}/{b.name}", b.size,
-                                b.md5_hash, b.generation)
-                   for b in gcs_client.list_blobs(name, prefix=prefix)),
+    # The bucket may be gs://BUCKET/FOLDER: keys are under the folder.
+    name, folder = split_gs_uri(join_uri(bucket, prefix))
+    folder = folder[:-len(prefix)]
+    return sorted((StoredObject(b.name[len(folder):], f"gs://{name}/{b.name}",
+                                b.size, b.md5_hash, b.generation)
+                   for b in gcs_client.list_blobs(name,
+                                                  prefix=folder + prefix)),
                   key=lambda o: o.key)
   root = join_uri(bucket, prefix)
   found = []
