@@ -234,6 +234,30 @@ def duration(seconds: float) -> str:
           if seconds >= 3600 else f"{seconds // 60}:{seconds % 60:02d}")
 
 
+def eta(elapsed: float, fraction: float) -> str:
+  """' ETA m:ss' from the time so far and the fraction done; '' before
+  there is a fraction to go by."""
+  if not 0 < fraction < 1:
+    return ""
+  return f" ETA {duration(elapsed * (1 - fraction) / fraction)}"
+
+
+class RecentRate:
+  """Bytes per second over the last few seconds, as 'x.y MB/s'."""
+
+  def __init__(self, window_s: float = 5.0):
+    self.window_s = window_s
+    self._samples = []   # (seconds, bytes done), the last few
+
+  def __call__(self, elapsed: float, done: int) -> str:
+    self._samples = [s for s in self._samples
+                     if elapsed - s[0] < self.window_s]
+    self._samples.append((elapsed, done))
+    (t0, b0), (t1, b1) = self._samples[0], self._samples[-1]
+    rate = (b1 - b0) / (t1 - t0) if t1 > t0 else 0.0
+    return f"{rate / 1e6:,.1f} MB/s"
+
+
 class StorageProgress:
   """The storage run's progress line, from its counters
   (transforms/progress.py), the ETA first so that a narrow terminal still
@@ -249,7 +273,7 @@ class StorageProgress:
   def __init__(self, listings: int, plan: bool = False):
     self.listings = listings
     self.plan = plan
-    self._samples = []   # (seconds, bytes archived), the last few
+    self._rate = RecentRate()
 
   def __call__(self, c: Dict[str, int], elapsed: float) -> str:
     listed = c.get("files_listed", 0)
@@ -260,8 +284,8 @@ class StorageProgress:
     head = duration(elapsed)
     if done_listing and listed:
       fraction = self._fraction(c, listed)
-      if 0.02 < fraction < 1:
-        head += f" ETA {duration(elapsed * (1 - fraction) / fraction)}"
+      if fraction > 0.02:   # too early to tell below that
+        head += eta(elapsed, fraction)
     parts = [head,
              f"{listed:,}{'' if done_listing else '+'} files, "
              f"{megabytes(c.get('bytes_listed', 0))}",
@@ -276,13 +300,6 @@ class StorageProgress:
       parts.append(f"{megabytes(archived)} archived, "
                    f"{self._rate(elapsed, archived)}")
     return " | ".join(parts)
-
-  def _rate(self, elapsed: float, archived: int) -> str:
-    self._samples = [s for s in self._samples if elapsed - s[0] < 5.0]
-    self._samples.append((elapsed, archived))
-    (t0, b0), (t1, b1) = self._samples[0], self._samples[-1]
-    rate = (b1 - b0) / (t1 - t0) if t1 > t0 else 0.0
-    return f"{rate / 1e6:,.1f} MB/s"
 
   @staticmethod
   def _fraction(c: Dict[str, int], listed: int) -> float:

@@ -15,7 +15,8 @@ import sys
 import threading
 from typing import List, Optional
 
-from pipeline.console import Console, duration, live_progress, megabytes
+from pipeline.console import (Console, RecentRate, duration, eta,
+                              live_progress, megabytes)
 from pipeline.cli import OneLineParser, OptionsError, rows_table
 from transforms.access import AccessError, check_cloud_access
 from transforms.export import (DEFAULT_WORKERS, FAILED, LAYOUTS, MANIFEST,
@@ -59,21 +60,16 @@ class ExportProgress:
   35.2 MB/s | 2 failed"""
 
   def __init__(self):
-    self._samples = []
+    self._rate = RecentRate()
 
   def __call__(self, c, elapsed: float) -> str:
     done = c["exported"] + c["present"] + c["failed"]
-    head = duration(elapsed)
-    if c["bytes"] and 0 < c["bytes_done"] < c["bytes"]:
-      left = elapsed * (c["bytes"] - c["bytes_done"]) / c["bytes_done"]
-      head += f" ETA {duration(left)}"
-    self._samples = [s for s in self._samples if elapsed - s[0] < 5.0]
-    self._samples.append((elapsed, c["bytes_done"]))
-    (t0, b0), (t1, b1) = self._samples[0], self._samples[-1]
-    rate = (b1 - b0) / (t1 - t0) / 1e6 if t1 > t0 else 0.0
+    head = duration(elapsed) + eta(
+        elapsed, c["bytes_done"] / c["bytes"] if c["bytes"] else 0)
     parts = [head, f"{done:,}/{c['images']:,} images"
              + (f", {c['present']:,} already there" if c["present"] else ""),
-             f"{megabytes(c['bytes_done'])} of {megabytes(c['bytes'])}, {rate:,.1f} MB/s"]
+             f"{megabytes(c['bytes_done'])} of {megabytes(c['bytes'])}, "
+             f"{self._rate(elapsed, c['bytes_done'])}"]
     if c["failed"]:
       parts.append(f"{c['failed']:,} failed")
     return " | ".join(parts)

@@ -8,13 +8,13 @@ The tables dicom (every row) and dicom_current (the current rows, the same
 view as BigQuery's) are the row files in DIR; PROJECT.DATASET.dicom_current
 names them too, so the files in queries/ run unchanged.
 """
-import argparse
 import csv
 import datetime
 import json
 import sys
 from typing import Any, Dict, Iterable, List, Optional
 
+from pipeline.cli import OneLineParser
 from transforms.local_sql import (PARAMETER_TYPES, LocalRows, QueryError,
                                   parse_parameters, read_sql)
 
@@ -22,8 +22,8 @@ from transforms.local_sql import (PARAMETER_TYPES, LocalRows, QueryError,
 MAX_CELL = 80
 
 
-def _parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(
+def _parser() -> OneLineParser:
+  p = OneLineParser(
       prog="python -m pipeline.query", description=__doc__.split("\n\n")[0],
       allow_abbrev=False)
   p.add_argument("sql", help="the query (BigQuery SQL), or @FILE.sql")

@@ -25,18 +25,19 @@ from typing import Any, Dict, List, Optional
 from apache_beam.io.filesystems import FileSystems
 
 from pipeline import __version__
-from pipeline.console import (Console, duration, live_progress, megabytes,
-                              run_log)
+from pipeline.console import (Console, duration, eta, live_progress,
+                              megabytes, run_log)
 from pipeline.cli import OneLineParser, OptionsError, env_bucket, rows_table
 from transforms import report_html
 from transforms.access import AccessError, check_cloud_access
 from transforms.keys import UnsafeKeyComponent, check_collection, join_uri
 from transforms.local_sql import LocalRows, QueryError
 from transforms.report import write_report
+from transforms.files import file_digest
 from transforms.sinks import write_text_file
 from transforms.verify import (DEFAULT_WORKERS, KINDS, Findings,
                                check_stored_inputs, list_objects, rows_sql,
-                               sha256_of, verify_collection)
+                               verify_collection)
 
 SHOWN_PROBLEMS = 10
 
@@ -86,9 +87,8 @@ class VerifyProgress:
 
   def __call__(self, c: Dict[str, int], elapsed: float) -> str:
     done = c["objects_checked"]
-    head = duration(elapsed)
-    if 0 < done < self.objects:
-      head += f" ETA {duration(elapsed * (self.objects - done) / done)}"
+    head = duration(elapsed) + eta(
+        elapsed, done / self.objects if self.objects else 0)
     parts = [head, f"{done:,}/{self.objects:,} objects",
              f"{c['rows_checked']:,} rows",
              f"{megabytes(c['bytes_read'])} read"]
@@ -145,7 +145,7 @@ def _check_input(plan: Dict[str, Any], findings: Findings, gcs) -> frozenset:
                      detail=item["reason"])
   findings.add(input_files_checked=len(plan["flagged"]) + len(
       plan["rejected"]) + len(plan["failed"]))
-  return frozenset(sha256_of(item["path"]) for item in plan["flagged"])
+  return frozenset(file_digest(item["path"]).hexdigest() for item in plan["flagged"])
 
 
 def verify(args, console: Optional[Console], verify_id: str

@@ -24,9 +24,9 @@ from transforms.dicom import open_source
 from transforms.gcs import blob_for, storage_client, stored_object_location
 from transforms.keys import join_uri
 from transforms.progress import Count
-from transforms.archive_format import (_CHUNK, DEFAULT_COMPRESSION_LEVEL,
+from transforms.archive_format import (CHUNK_BYTES, DEFAULT_COMPRESSION_LEVEL,
                                        MANIFEST_NAME, RetrievalError,
-                                       StudyArchiveWriter, _HashingSink,
+                                       StudyArchiveWriter, HashingSink,
                                        compress_entry, manifest_bytes)
 from transforms.retrieve import read_manifest
 from transforms.records import (COMPLETE_ROWS, FAILED, SKIP, WRITE,
@@ -54,7 +54,7 @@ def write_study_archive(study: Study, out: BinaryIO,
                         md5: bool = True,
                         threads: int = COMPRESSION_THREADS,
                         progress: Optional[Count] = None,
-                        ) -> Tuple[List[MemberLocation], _HashingSink]:
+                        ) -> Tuple[List[MemberLocation], HashingSink]:
   """Writes the study's images and its manifest into out (md5=False when
   the store computes the object's MD5 itself); progress counts the input
   bytes as each image is appended."""
@@ -189,9 +189,7 @@ class _WriteStudyArchive(beam.DoFn):
   def process(self, study: Study) -> Iterable[StoredStudy]:
     try:
       yield from self._store(study, list(study.current))
-      self.finished.inc(len(study.images))
     except Exception as e:  # pylint: disable=broad-except
-      self.finished.inc(len(study.images))
       self.failed.inc()
       logging.error("Study %s (%s) failed: %s", study.study_instance_uid,
                     study.object_key, e)
@@ -200,6 +198,8 @@ class _WriteStudyArchive(beam.DoFn):
             image.source.path, study.entity_id, FAILED,
             f"study object {study.object_key} could not be written: "
             f"{type(e).__name__}: {e}"))
+    finally:
+      self.finished.inc(len(study.images))
 
   def _store(self, study: Study, current: List[tuple]) -> Iterable:
     uri = join_uri(self.bucket, study.object_key)
@@ -275,10 +275,10 @@ class _WriteStudyArchive(beam.DoFn):
     if self.gcs is not None:
       return stored_object_location(self.gcs, uri, self.bucket,
                                     study.object_key)
-    sink = _HashingSink(_Discard())
+    sink = HashingSink(_Discard())
     with FileSystems.open(
         uri, compression_type=CompressionTypes.UNCOMPRESSED) as f:
-      for chunk in iter(lambda: f.read(_CHUNK), b""):
+      for chunk in iter(lambda: f.read(CHUNK_BYTES), b""):
         sink.write(chunk)
     return self._local_location(uri, study, sink)
 

@@ -34,7 +34,7 @@ from transforms.records import MemberLocation, Study
 
 MANIFEST_NAME = "manifest.json"
 DEFAULT_COMPRESSION_LEVEL = 2   # isal levels are 0..3
-_CHUNK = 4 << 20
+CHUNK_BYTES = 4 << 20
 _BLOCK = tarfile.BLOCKSIZE
 
 
@@ -42,7 +42,7 @@ class RetrievalError(RuntimeError):
   """An image or a manifest could not be found, read, or verified."""
 
 
-class _HashingSink:
+class HashingSink:
   """Writes through to a stream, keeping size, MD5 and CRC32C of all bytes."""
 
   def __init__(self, out: BinaryIO, md5: bool = True):
@@ -94,7 +94,7 @@ def _entry_chunks(name: str, source: BinaryIO, size: int, digest):
   yield tar_header(name, size)
   remaining = size
   while remaining > 0:
-    chunk = source.read(min(_CHUNK, remaining))
+    chunk = source.read(min(CHUNK_BYTES, remaining))
     if not chunk:
       raise IOError(f"{name}: file shrank while being read "
                     f"({size - remaining} of {size} bytes)")
@@ -138,7 +138,7 @@ class StudyArchiveWriter:
 
   def __init__(self, out: BinaryIO, level: int = DEFAULT_COMPRESSION_LEVEL,
                md5: bool = True):
-    self.sink = _HashingSink(out, md5)
+    self.sink = HashingSink(out, md5)
     self.level = level
 
   def add_compressed(self, pieces: Iterable[bytes]) -> Tuple[int, int]:

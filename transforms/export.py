@@ -16,7 +16,6 @@ others are still exported.
 import concurrent.futures
 import csv
 import dataclasses
-import hashlib
 import itertools
 import os
 import threading
@@ -24,6 +23,7 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 from transforms.archive_format import RetrievalError
 from transforms.crash import crash_point
+from transforms.files import file_digest
 from transforms.keys import UnsafeKeyComponent, check_key_component
 from transforms.retrieve import Member, member_runs, read_members
 
@@ -114,18 +114,10 @@ def relative_path(image: Selected, layout: str) -> str:
   return "/".join(parts)
 
 
-def file_sha256(path: str) -> str:
-  digest = hashlib.sha256()
-  with open(path, "rb") as f:
-    for chunk in iter(lambda: f.read(1 << 20), b""):
-      digest.update(chunk)
-  return digest.hexdigest()
-
-
 def already_exported(path: str, image: Selected) -> bool:
   try:
     return (os.path.getsize(path) == image.size_bytes
-            and file_sha256(path) == image.sha256)
+            and file_digest(path).hexdigest() == image.sha256)
   except OSError:
     return False
 

@@ -81,7 +81,7 @@ class _LocalStore:
     os.replace(tmp, self.path)
     return True
 
-  def remove(self, holder: Dict[str, Any]) -> bool:
+  def remove(self, holder: Dict[str, Any], ours: bool = False) -> bool:
     """Removes the lease if it still is `holder`'s: renamed away first, so
     that of two runs removing an expired lease, one does."""
     aside = f"{self.path}.{os.getpid()}.{time.monotonic_ns()}.old"
@@ -92,8 +92,7 @@ class _LocalStore:
     try:
       with open(aside, "rb") as f:
         taken = json.loads(f.read() or b"{}")
-      expected = {k: v for k, v in holder.items() if k != "_ours"}
-      if taken != expected:   # another's, made meanwhile: put it back
+      if taken != holder:   # another's, made meanwhile: put it back
         os.rename(aside, self.path)
         return False
       return True
@@ -143,10 +142,11 @@ class _GcsStore:
     self.generation = self.blob.generation
     return True
 
-  def remove(self, holder: Dict[str, Any]) -> bool:
+  def remove(self, holder: Dict[str, Any], ours: bool = False) -> bool:
+    """Removes the lease if it still is the version we hold (ours) or
+    the one last read (an expired one being taken over)."""
     from google.api_core.exceptions import NotFound, PreconditionFailed
-    generation = self.generation if holder.get("_ours") else getattr(
-        self, "_read_generation", None)
+    generation = self.generation if ours else self._read_generation
     try:
       self.blob.delete(if_generation_match=generation)
     except (NotFound, PreconditionFailed):
@@ -233,5 +233,5 @@ class Lease:
     if self._thread is not None:
       self._thread.join()
     if self.holder is not None:
-      self.store.remove({**self.holder, "_ours": True})
+      self.store.remove(self.holder, ours=True)
       self.holder = None

@@ -103,21 +103,34 @@ def _sqlglot():
   return sqlglot, exp, _dialect
 
 
-def to_duckdb(sql: str) -> str:
-  """A BigQuery query as DuckDB runs it over the local tables."""
-  sqlglot, exp, dialect = _sqlglot()
+def _one_query(sql: str):
+  """The query's syntax tree, read as BigQuery SQL."""
+  sqlglot, _, _ = _sqlglot()
   try:
-    statements = sqlglot.parse(sql, read="bigquery")
+    statements = [s for s in sqlglot.parse(sql, read="bigquery")
+                  if s is not None]
   except sqlglot.errors.ParseError as e:
     raise QueryError(f"the query cannot be read as BigQuery SQL: {e}") from e
-  statements = [s for s in statements if s is not None]
   if len(statements) != 1:
     raise QueryError(f"expected one query, found {len(statements)}")
-  tree = statements[0]
-  for table in list(tree.find_all(exp.Table)):
-    if table.name in LOCAL_TABLES:
-      table.replace(exp.Table(this=exp.to_identifier(table.name),
-                              alias=table.args.get("alias")))
+  return statements[0]
+
+
+def _retarget(tree, table_for) -> None:
+  """Replaces each table named dicom or dicom_current (however qualified)
+  by table_for(its name, its alias)."""
+  _, exp, _ = _sqlglot()
+  for found in list(tree.find_all(exp.Table)):
+    if found.name in LOCAL_TABLES:
+      found.replace(table_for(found.name, found.args.get("alias")))
+
+
+def to_duckdb(sql: str) -> str:
+  """A BigQuery query as DuckDB runs it over the local tables."""
+  _, exp, dialect = _sqlglot()
+  tree = _one_query(sql)
+  _retarget(tree, lambda name, alias: exp.Table(
+      this=exp.to_identifier(name), alias=alias))
   return tree.sql(dialect=dialect)
 
 
@@ -125,21 +138,14 @@ def on_table(sql: str, table: str) -> str:
   """A query with its dicom and dicom_current tables (however qualified)
   made the BigQuery table PROJECT:DATASET.TABLE and its current view, so
   that one query file runs locally and on any table."""
-  sqlglot, exp, _ = _sqlglot()
+  _, exp, _ = _sqlglot()
   project, _, rest = table.partition(":")
-  dataset, _, name = rest.partition(".")
-  try:
-    tree = sqlglot.parse_one(sql, read="bigquery")
-  except sqlglot.errors.ParseError as e:
-    raise QueryError(f"the query cannot be read as BigQuery SQL: {e}") from e
-  for found in list(tree.find_all(exp.Table)):
-    if found.name in LOCAL_TABLES:
-      suffix = found.name[len("dicom"):]
-      found.replace(exp.Table(
-          this=exp.to_identifier(name + suffix, quoted=True),
-          db=exp.to_identifier(dataset, quoted=True),
-          catalog=exp.to_identifier(project, quoted=True),
-          alias=found.args.get("alias")))
+  dataset, _, table_name = rest.partition(".")
+  tree = _one_query(sql)
+  _retarget(tree, lambda name, alias: exp.Table(
+      this=exp.to_identifier(table_name + name[len("dicom"):], quoted=True),
+      db=exp.to_identifier(dataset, quoted=True),
+      catalog=exp.to_identifier(project, quoted=True), alias=alias))
   return tree.sql(dialect="bigquery")
 
 

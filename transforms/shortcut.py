@@ -117,9 +117,10 @@ def unchanged(listed: List[Tuple[str, str, int, str]],
   return True
 
 
-def recorded_studies(entity: str, listed: List[Tuple[str, str, int, str]],
+def recorded_studies(entity: str, path_of: Dict[str, str],
                      current: List[CurrentRow]) -> List[RecordedStudy]:
-  path_of = {relpath: path for path, relpath, _, _ in listed}
+  """The entity's studies as their current rows describe them; path_of:
+  each listed file's path by its path below the entity."""
   studies: Dict[str, List[CurrentRow]] = {}
   for row in current:
     studies.setdefault(row.study_instance_uid, []).append(row)
@@ -153,10 +154,10 @@ class _Decide(beam.DoFn):
             [entity, listed[start:start + FILES_PER_BATCH]]))
 
   def _as_recorded(self, entity, listed, current, ledger) -> Iterable[Any]:
-    for study in recorded_studies(entity, listed, current):
+    path_of = {relpath: path for path, relpath, _, _ in listed}
+    for study in recorded_studies(entity, path_of, current):
       self.not_read.inc(len(study.files))
       yield beam.pvalue.TaggedOutput(SKIPPED_TAG, study)
-    path_of = {relpath: path for path, relpath, _, _ in listed}
     for entry in ledger:
       (self.flagged if entry.status == FLAGGED else self.rejected).inc()
       yield beam.pvalue.TaggedOutput(EXCLUDED_TAG, Excluded(

@@ -31,7 +31,7 @@ from typing import (Any, Dict, FrozenSet, Iterable, Iterator, List, Optional,
                     Tuple)
 
 from transforms.archive_format import RetrievalError
-from transforms.files import open_binary
+from transforms.files import file_digest
 from transforms.gcs import split_gs_uri
 from transforms.keys import STUDY_OBJECT_KEY_PATTERN, join_uri
 from transforms.retrieve import Member, member_runs, read_manifest, read_members
@@ -117,14 +117,6 @@ def sampled(key: str, offset: int, fraction: float) -> bool:
   draw = int.from_bytes(hashlib.sha256(f"{key}:{offset}".encode()).digest()[:8],
                         "big")
   return draw < fraction * 2 ** 64
-
-
-def _local_md5(path: str) -> str:
-  digest = hashlib.md5()
-  with open_binary(path) as f:
-    for chunk in iter(lambda: f.read(4 << 20), b""):
-      digest.update(chunk)
-  return base64.b64encode(digest.digest()).decode("ascii")
 
 
 class Findings:
@@ -223,7 +215,8 @@ def _same_version(obj: StoredObject, rows, findings: Findings) -> bool:
     findings.problem("object_changed", obj.key,
                      detail=f"{obj.size} bytes, rows describe {size}")
     return False
-  have = obj.md5_base64 or _local_md5(obj.uri)
+  have = obj.md5_base64 or base64.b64encode(
+      file_digest(obj.uri, "md5").digest()).decode("ascii")
   findings.add(bytes_read=0 if obj.md5_base64 else obj.size)
   if have != md5:
     findings.problem("object_changed", obj.key,
@@ -355,14 +348,6 @@ def verify_collection(objects: List[StoredObject],
       future.result()
 
 
-def sha256_of(path: str) -> str:
-  digest = hashlib.sha256()
-  with open_binary(path) as f:
-    for chunk in iter(lambda: f.read(4 << 20), b""):
-      digest.update(chunk)
-  return digest.hexdigest()
-
-
 def check_stored_inputs(listing: Iterable[Dict[str, str]], findings: Findings,
                         gcs_client=None) -> None:
   """Input files a run would keep stored where they are (one study
@@ -387,7 +372,7 @@ def check_stored_inputs(listing: Iterable[Dict[str, str]], findings: Findings,
       findings.problem("input_not_stored", _key(uri), path=line["path"],
                        member=line["member"], detail=reason)
       continue
-    digest = sha256_of(line["path"])
+    digest = file_digest(line["path"]).hexdigest()
     findings.add(bytes_read=os.path.getsize(line["path"])
                  if "://" not in line["path"] else 0)
     if members.get(line["member"]) != digest:
