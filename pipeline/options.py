@@ -15,7 +15,7 @@ from apache_beam.options.pipeline_options import (PipelineOptions,
                                                   _BeamArgumentParser)
 
 from pipeline import __version__
-from pipeline.cli import OptionsError, env_bucket, rows_table  # noqa: F401
+from pipeline.cli import OptionsError, env_bucket, rows_table
 from transforms import dicom, discover, phi, studies
 from transforms.archive_format import DEFAULT_COMPRESSION_LEVEL
 from transforms.lease import DEFAULT_LEASE_SECONDS
@@ -248,7 +248,7 @@ def resolve(opts: StorageOptions, run_id: str) -> RunConfig:
     check_collection(opts.collection)
   except UnsafeKeyComponent as e:
     raise OptionsError(f"--collection: {e}") from e
-  table = bigquery_table(opts)
+  table = rows_table(opts)
   if not opts.metadata_output and not table:
     raise OptionsError("--metadata_output or --bigquery_project is required: "
                        "where rows go")
@@ -315,11 +315,6 @@ def rules_fingerprint(rules: List[str], recipe_text: Optional[str],
                      "item_id": item_id, "version": __version__},
                     sort_keys=True)
   return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
-
-
-def bigquery_table(opts: StorageOptions) -> Optional[str]:
-  """PROJECT:DATASET.TABLE for the rows, or None when BigQuery is not used."""
-  return rows_table(opts)
 
 
 def _read_text(path: str, option: str) -> str:

@@ -13,7 +13,7 @@ import pytest
 from conftest import IN_PROCESS, read_rows, run_pipeline
 from invariants import archive_members
 from reruns import add_image_to_study, assert_same_state, current_rows_key
-from transforms.current import current_image, newest_per_study
+from transforms.current import current_row, newest_per_study
 from transforms.report import read_report, read_stored_listing
 
 REPO = Path(__file__).parents[1]
@@ -22,8 +22,7 @@ REPO = Path(__file__).parents[1]
 def _current_rows(metadata: Path):
   """Current rows, by the same rule as the BigQuery view."""
   rows = read_rows(metadata)
-  keyed = [current_image(r) for r in rows]
-  current = newest_per_study(keyed)
+  current = newest_per_study(map(current_row, rows))
   keep = {(k, img[0], img[5]) for k, imgs in current.items() for img in imgs}
   seen, out = set(), []
   for r in rows:

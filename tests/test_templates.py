@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipeline.options import StorageOptions, bigquery_table, resolve
+from pipeline.cli import rows_table
+from pipeline.options import StorageOptions, resolve
 
 TEMPLATES = Path(__file__).parents[1] / "templates"
 METADATA = json.loads((TEMPLATES / "metadata.json").read_text())
@@ -95,6 +96,6 @@ def test_scheduled_launch_bodies_name_real_parameters(body):
   argv = [f"--{k}={v}" for k, v in params.items()
           if k not in ("entities_file", "deid_recipe")]
   opts = PipelineOptions(argv).view_as(StorageOptions)
-  assert bigquery_table(opts) == "my-research-project:IRB41449.dicom"
+  assert rows_table(opts) == "my-research-project:IRB41449.dicom"
   config = resolve(opts, "run1")
   assert config.bucket == params["bucket"]

@@ -13,7 +13,7 @@ import apache_beam as beam
 
 from transforms.records import rfc3339_utc
 from transforms.files import open_binary
-from transforms.schema import METADATA, row_files
+from transforms.schema import METADATA_LAST, row_files
 
 class CurrentRow(NamedTuple):
   """What later steps need of one current row. Its first six fields are
@@ -54,31 +54,24 @@ def current_row(row: dict) -> CurrentRow:
       row.get("Modality"))
 
 
-def current_image(row: dict) -> Tuple[Tuple[str, str], tuple]:
-  """((entity, study uid), current image tuple) of a row."""
-  current = current_row(row)
-  return current.study_key, current.image
-
-
-def newest_per_study(keyed: Iterable[Tuple[Tuple[str, str], tuple]]
-                     ) -> Dict[Tuple[str, str], List[tuple]]:
+def newest_per_study(rows: Iterable[CurrentRow]
+                     ) -> Dict[Tuple[str, str], List[CurrentRow]]:
   """The rows of each study's newest object, one per image: the same rule
-  as the BigQuery view, for local row files. Values are current image
-  tuples or CurrentRows (sop_instance_uid first, written_at sixth)."""
-  newest: Dict[Tuple[str, str], Dict[str, tuple]] = {}
-  for key, image in keyed:
-    images = newest.setdefault(key, {})
+  as the BigQuery view, for local row files."""
+  newest: Dict[Tuple[str, str], Dict[str, CurrentRow]] = {}
+  for row in rows:
+    images = newest.setdefault(row.study_key, {})
     if images:
-      version = next(iter(images.values()))[5]
-      if image[5] < version:
+      version = next(iter(images.values())).written_at
+      if row.written_at < version:
         continue
-      if image[5] > version:
+      if row.written_at > version:
         images.clear()
-    images[image[0]] = image
+    images[row.sop_instance_uid] = row
   return {k: sorted(v.values()) for k, v in newest.items()}
 
 
-_METADATA_AT_END = b', "' + METADATA.encode() + b'": '
+_METADATA_AT_END = METADATA_LAST.encode()
 
 
 def _rows_in(path: str) -> Iterable[dict]:
@@ -95,11 +88,10 @@ def _rows_in(path: str) -> Iterable[dict]:
 
 class _ReadLocalCurrent(beam.DoFn):
   def process(self, metadata_dir: str) -> Iterable[CurrentRow]:
-    keyed = ((row.study_key, row) for row in (
-        current_row(r) for path in row_files(metadata_dir)
-        for r in _rows_in(path)))
-    for rows in newest_per_study(keyed).values():
-      yield from rows
+    rows = (current_row(r) for path in row_files(metadata_dir)
+            for r in _rows_in(path))
+    for study_rows in newest_per_study(rows).values():
+      yield from study_rows
 
 
 class _ReadBigQueryCurrent(beam.DoFn):

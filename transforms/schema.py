@@ -45,6 +45,9 @@ DICOM_COLUMNS: Tuple[Tuple[str, str, str], ...] = (
 
 
 METADATA = "metadata"
+# Local row lines end with the metadata object, after this (sinks.row_line),
+# so that readers which do not need it cut it off unparsed (current.py).
+METADATA_LAST = f', "{METADATA}": '
 INVALID_VALUES = "invalid_values"
 # Local rows: DIR/rows-<run id>-*.json (newline-delimited), DIR/schema.json.
 ROWS_PREFIX = "rows-"

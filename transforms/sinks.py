@@ -13,8 +13,9 @@ from apache_beam.metrics import Metrics
 
 from transforms.bigquery import TABLE_PARAMETERS
 from transforms.keys import join_uri
-from transforms.schema import (METADATA, ROWS_PREFIX, SCHEMA_FILE,
-                               TABLE_SCHEMA, row_errors, schema_json)
+from transforms.schema import (METADATA, METADATA_LAST, ROWS_PREFIX,
+                               SCHEMA_FILE, TABLE_SCHEMA, row_errors,
+                               schema_json)
 
 DEAD_LETTER_TAG = "dead_letter"
 
@@ -60,7 +61,7 @@ def row_line(row: Dict[str, Any]) -> str:
   if not isinstance(text, str):
     return json_line(row)
   rest = json_line({k: v for k, v in row.items() if k != METADATA})
-  return f'{rest[:-1]}, "{METADATA}": {text}}}'
+  return f"{rest[:-1]}{METADATA_LAST}{text}}}"
 
 
 def write_text_file(path: str, text: str) -> str:
