@@ -23,6 +23,7 @@ import time
 from typing import Callable, Dict, Iterator, Optional, TextIO
 
 from transforms.files import is_local
+from transforms.records import duration  # noqa: F401  (the commands' too)
 
 
 PLAIN_EVERY_S = 30.0
@@ -226,12 +227,6 @@ def live_progress(console: Optional[Console],
 
 def megabytes(n: int) -> str:
   return f"{n / 1e6:,.0f} MB" if n >= 10e6 else f"{n / 1e6:,.1f} MB"
-
-
-def duration(seconds: float) -> str:
-  seconds = int(seconds)
-  return (f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
-          if seconds >= 3600 else f"{seconds // 60}:{seconds % 60:02d}")
 
 
 def eta(elapsed: float, fraction: float) -> str:

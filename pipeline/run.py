@@ -8,6 +8,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 import uuid
 from typing import Iterator, List, Optional, Tuple
 
@@ -276,6 +277,7 @@ def run(argv: Optional[List[str]] = None,
         console: Optional[Console] = None) -> dict:
   """Runs the pipeline; returns the run report. Raises OptionsError. With
   a console, says where the run goes and shows its progress there."""
+  started = time.monotonic()
   argv = list(sys.argv[1:] if argv is None else argv)
   check_arguments(argv)
   use_emulator_if_configured()   # no-op unless BIGQUERY_EMULATOR_HOST is set
@@ -323,6 +325,7 @@ def run(argv: Optional[List[str]] = None,
       _counter(result, "header_bytes_read") + _counter(result, "source_bytes_read"))
   report["summary"]["header_bytes_spilled"] = _counter(result,
                                                        "header_bytes_spilled")
+  report["summary"]["seconds"] = round(time.monotonic() - started, 1)
   report["report_path"] = config.report
   report["log"] = config.log
   report["metadata_output"] = config.metadata_output

@@ -135,3 +135,22 @@ def test_missing_input_root_fails_clearly(tmp_path):
               cwd=Path(__file__).parents[1])
   assert done.returncode == 2
   assert "holds no files (or does not exist)" in done.stderr
+
+
+def test_the_readme_example_row_is_what_make_run_writes(tmp_path):
+  """README "Rows": the example `metadata` (shortened) is a row of the
+  sample `make run` builds (seed 0), key for key."""
+  from devtools.sample_data import build_sample
+  readme = (Path(__file__).parents[1] / "README.md").read_text()
+  after = readme.split("One row of `make run`, shortened:", 1)[1]
+  example = json.loads(after.split("```json", 1)[1].split("```", 1)[0])
+  root = tmp_path / "input"
+  build_sample(root)
+  run_pipeline(root, tmp_path / "run")
+  rows = [r for r in read_rows(tmp_path / "run" / "metadata")
+          if r["sop_instance_uid"] == example["SOPInstanceUID"]]
+  assert len(rows) == 1
+  metadata = json.loads(rows[0]["metadata"]) if isinstance(
+      rows[0]["metadata"], str) else rows[0]["metadata"]
+  assert {k: metadata.get(k, "(no such key)") for k in example} == example
+  assert len(example) >= 10   # the example shows a row, not a fragment

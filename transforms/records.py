@@ -131,6 +131,16 @@ def rfc3339_utc(moment: datetime.datetime) -> str:
       timespec="microseconds").replace("+00:00", "Z")
 
 
+def duration(seconds: float, tenths_below_a_minute: bool = False) -> str:
+  """'m:ss', or 'h:mm:ss' from an hour on; '4.2 s' under a minute when
+  asked (a time taken, where a progress line wants a clock)."""
+  if tenths_below_a_minute and seconds < 60:
+    return f"{seconds:.1f} s"
+  seconds = int(seconds)
+  return (f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+          if seconds >= 3600 else f"{seconds // 60}:{seconds % 60:02d}")
+
+
 @dataclasses.dataclass(frozen=True)
 class ObjectLocation:
   """Where a study object lives, as the storage system reports it."""

@@ -19,7 +19,7 @@ from apache_beam.io.filesystems import FileSystems
 from transforms.keys import ARCHIVE_SUFFIX, join_uri
 from transforms.records import (COMPLETE_ROWS, FAILED, FLAGGED, REJECTED,
                                 SKIP, WRITE, Excluded, PlannedStudy,
-                                RecordedStudy, StoredStudy)
+                                RecordedStudy, StoredStudy, duration)
 from transforms.sinks import json_line, write_text_file
 
 STORED_PREFIX = "stored-"
@@ -177,9 +177,11 @@ def format_summary(report: Dict[str, Any]) -> str:
         f"(already stored); rows {s['rows']}"
         + (f", dead-letter rows {s['dead_letter_rows']}"
            if s["dead_letter_rows"] else ""))
+  took = (f" in {duration(s['seconds'], True)}"
+          if s.get("seconds") is not None else "")
   lines = [
       f"{'Plan' if report.get('plan') else 'Run'} {report['run_id']} "
-      f"(collection {report['collection']}):",
+      f"(collection {report['collection']}){took}:",
       f"  entities {s['entities']}, images seen {s['images_seen']}: "
       f"kept {s['kept']}, flagged {s['flagged']}, rejected {s['rejected']}, "
       f"failed {s['failed']}",

@@ -15,6 +15,8 @@ import posixpath
 import re
 from typing import Any, Dict, Iterable, List, Sequence, Tuple
 
+from transforms.records import duration
+
 MAX_STUDY_ROWS = 1000     # studies shown, over all entities
 MAX_FILE_ROWS = 200       # files shown per list (flagged, rejected ...)
 MAX_BARS = 12             # bars per chart; the rest summed as "other"
@@ -147,6 +149,7 @@ _SUMMARY_LABELS = [
     ("studies_to_skip", "studies to skip (already stored)", None),
     ("rows", "rows written", None), ("dead_letter_rows", "dead-letter rows", None),
     ("input_bytes_read", "input bytes read", _bytes),
+    ("seconds", "time taken", lambda s: duration(s, True)),
 ]
 
 
