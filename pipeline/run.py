@@ -40,20 +40,23 @@ from transforms.bigquery import (IncompatibleTable,
                                  ensure_dataset_and_view, table_exists)
 from transforms.bigquery_emulator import (use_emulator_if_configured,
                                           worker_plugin_args)
-from transforms.current import ReadCurrentRows, by_study
+from transforms.current import ReadCurrentRows, by_study, current_rows
 from transforms.dicom import ReadHeaders
 from transforms.gcs import blob_for, split_gs_uri, storage_client
 from transforms.discover import (DiscoverEntityFiles, InputError,
-                                 check_input_roots, listing_patterns)
+                                 check_input_roots, list_input,
+                                 listing_patterns)
 from transforms.keys import join_uri
 from transforms.lease import CollectionBusy, Lease
 from transforms.phi import FlagPhiByHeader, FlagPhiByPath
 from transforms.progress import PROGRESS_DIR_ENV, read_progress
 from transforms.report import (WriteRunReport, format_summary, read_report,
-                               write_report)
+                               report_as_recorded, write_report)
 from transforms.rows import BuildRows
-from transforms.shortcut import (EntityShortcut, ReadExcludedLedger,
-                                 WriteExcludedLedger, ledger_path)
+from transforms.shortcut import (AsRecorded, EntityShortcut,
+                                 ReadExcludedLedger, WriteExcludedLedger,
+                                 ledger_path, read_newest_ledger,
+                                 unchanged_input, write_ledger)
 from transforms.sinks import (CheckRows, WriteDeadLetters, WriteRowsBigQuery,
                               WriteRowsLocal, write_text_file)
 from transforms.studies import GroupStudies
@@ -117,7 +120,10 @@ class _WarmWorkerRunner(fn_runner.FnApiRunner):
     try:
       return super().run_via_runner_api(pipeline_proto, options)
     finally:
-      self._warm.stop()
+      self.stop_workers()
+
+  def stop_workers(self) -> None:
+    self._warm.stop()
 
 
 def check_destination(bucket: str, run_id: str) -> None:
@@ -288,7 +294,7 @@ def run(argv: Optional[List[str]] = None,
     check_input_roots(config.input_roots)
   except InputError as e:
     raise OptionsError(str(e)) from e
-  read_current = check_targets(config, run_id)
+  has_current = check_targets(config, run_id)
   # Workers apply the emulator wiring too (no-op in production).
   options = PipelineOptions(argv + worker_plugin_args())
   runner = local_runner(options, argv)
@@ -299,7 +305,7 @@ def run(argv: Optional[List[str]] = None,
   builds_only = job_is_only_built(options)
   if builds_only:   # a template: nothing runs, nothing is written
     p = beam.Pipeline(runner=runner, options=options)
-    build(p, config, run_id, None, read_current)
+    build(p, config, run_id, None, has_current)
     p.run()
     return {"job": {"built": builds_only}}
   waits = not launched_by_flex_template(runner)
@@ -307,24 +313,32 @@ def run(argv: Optional[List[str]] = None,
     console.line(start_line(config, run_id))
   with _lease(config, run_id, waits), run_log(config.log), _local_run_folders(
       runner, run_id) as (spill_dir, progress_dir):
-    p = beam.Pipeline(runner=runner, options=options)
-    build(p, config, run_id, spill_dir, read_current)
-    progress = StorageProgress(len(listing_patterns(
-        config.input_roots, config.entities)), config.plan)
-    with live_progress(console if progress_dir else None,
-                       lambda: read_progress(progress_dir), progress):
-      result = p.run()
-      if not waits:
-        return {"job": {"submitted": _job_where(result, options)}}
-      state = result.wait_until_finish()
-  if state is not None and str(state) not in ("DONE", "PipelineState.DONE"):
-    return {"job": {"ended": f"{_job_where(result, options)} ended {state}"}}
+    recorded = (input_as_recorded(config, has_current) if runner is not None
+                else None)
+    if recorded is not None:   # nothing to read or write: no graph to run
+      if isinstance(runner, _WarmWorkerRunner):
+        runner.stop_workers()
+      report = write_as_recorded(config, run_id, recorded)
+    else:
+      p = beam.Pipeline(runner=runner, options=options)
+      build(p, config, run_id, spill_dir, has_current)
+      progress = StorageProgress(len(listing_patterns(
+          config.input_roots, config.entities)), config.plan)
+      with live_progress(console if progress_dir else None,
+                         lambda: read_progress(progress_dir), progress):
+        result = p.run()
+        if not waits:
+          return {"job": {"submitted": _job_where(result, options)}}
+        state = result.wait_until_finish()
+      if state is not None and str(state) not in ("DONE", "PipelineState.DONE"):
+        return {"job": {"ended": f"{_job_where(result, options)} ended {state}"}}
+      report = read_report(config.report)
+      report["summary"]["input_bytes_read"] = (
+          _counter(result, "header_bytes_read")
+          + _counter(result, "source_bytes_read"))
+      report["summary"]["header_bytes_spilled"] = _counter(
+          result, "header_bytes_spilled")
 
-  report = read_report(config.report)
-  report["summary"]["input_bytes_read"] = (
-      _counter(result, "header_bytes_read") + _counter(result, "source_bytes_read"))
-  report["summary"]["header_bytes_spilled"] = _counter(result,
-                                                       "header_bytes_spilled")
   report["summary"]["seconds"] = round(time.monotonic() - started, 1)
   report["report_path"] = config.report
   report["log"] = config.log
@@ -334,6 +348,37 @@ def run(argv: Optional[List[str]] = None,
   report["report_page"] = report_html.html_path(config.report)
   write_report(config.report, report)
   write_text_file(report["report_page"], report_html.render(report))
+  return report
+
+
+def input_as_recorded(config: RunConfig, has_current: bool
+                      ) -> Optional[AsRecorded]:
+  """Before a local run: its whole input as earlier runs recorded it, when
+  nothing changed since (transforms/shortcut.py), decided here instead of
+  by a graph and its worker processes that would find nothing to do; None
+  otherwise. Local runs only: a Dataflow launcher would read every current
+  row of the collection itself."""
+  if config.overwrite or config.full_scan or not has_current:
+    return None
+  current = list(current_rows(config.bigquery_table, config.metadata_output))
+  ledger = read_newest_ledger(config.bucket, config.collection)
+  if not current and not ledger:   # a first run
+    return None
+  return unchanged_input(list_input(config.input_roots, config.entities),
+                         current, ledger, config.rules_id)
+
+
+def write_as_recorded(config: RunConfig, run_id: str, recorded: AsRecorded
+                      ) -> dict:
+  """The report and the ledger of a run whose input is unchanged: what the
+  graph would have written, with nothing read."""
+  report = report_as_recorded(
+      config.report, run_id, __version__, config.collection, recorded.seen,
+      recorded.entities, recorded.studies, recorded.excluded, config.plan)
+  if not config.plan:
+    write_ledger(ledger_path(config.bucket, config.collection, run_id),
+                 (entry._asdict() for entry in recorded.ledger))
+  report["summary"].update(input_bytes_read=0, header_bytes_spilled=0)
   return report
 
 
@@ -462,7 +507,7 @@ def where_lines(report: dict) -> List[str]:
             f"log {report['log']}"]
   lines = [f"  objects under {report['bucket']}/Collection/"
            f"{report['collection']}/"]
-  if report["metadata_output"]:
+  if report["metadata_output"] and report["summary"]["rows"]:
     lines.append(f"  rows in {report['metadata_output']}/rows-"
                  f"{report['run_id']}-*.json")
   if report.get("bigquery_table"):

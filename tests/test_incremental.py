@@ -60,6 +60,57 @@ def test_nothing_changed_nothing_read_nothing_written(changing):
   assert full["summary"]["studies_skipped"] == 6
 
 
+def _comparable(report: dict) -> dict:
+  """A report without what differs between any two runs."""
+  same = {k: v for k, v in report.items()
+          if k not in ("run_id", "stored_files", "report_page", "log")}
+  same["summary"] = {k: v for k, v in report["summary"].items()
+                     if k != "seconds"}
+  same["stored"] = read_stored_listing(report)
+  return same
+
+
+def _ledgers(out: Path):
+  return sorted((out / "bucket" / "Runs" / "IRB41449").glob("excluded-*"))
+
+
+def test_an_unchanged_input_is_decided_before_the_graph_as_the_graph_would(
+    changing, monkeypatch):
+  """A local run whose whole input is unchanged writes its report and ledger
+  without running the graph (pipeline/run.input_as_recorded); the graph,
+  made to decide the same input, writes the same."""
+  import pipeline.run
+  root, _, out, first = changing
+  before = _mtimes(out)
+  rows_files = sorted((out / "metadata").glob("rows-*.json"))
+  decided_first = run_pipeline(root, out)
+  ledger = _ledgers(out)[-1].read_text()
+  with monkeypatch.context() as m:
+    m.setattr(pipeline.run, "input_as_recorded", lambda *_: None)
+    by_graph = run_pipeline(root, out)
+  assert _comparable(decided_first) == _comparable(by_graph)
+  assert _ledgers(out)[-1].read_text() == ledger
+  assert ledger.count("\n") == len(first["flagged"]) + len(first["rejected"])
+  assert _mtimes(out) == before
+  # The graph wrote its (empty) row file; the decision before it, none.
+  assert len(sorted((out / "metadata").glob("rows-*.json"))) == len(
+      rows_files) + 1
+  assert not list((out / "metadata").glob(
+      f"rows-{decided_first['run_id']}-*"))
+
+
+def test_a_plan_of_an_unchanged_input_skips_everything_and_writes_no_ledger(
+    changing):
+  root, _, out, _ = changing
+  ledgers = _ledgers(out)
+  plan = run_pipeline(root, out, "--plan", f"--report={out / 'plan.json'}")
+  s = plan["summary"]
+  assert s["studies_to_skip"] == 6 and s["studies_to_write"] == 0
+  assert s["files_not_read"] == 44 and s["input_bytes_read"] == 0
+  assert {st["outcome"] for st in plan["studies"]} == {"to skip"}
+  assert _ledgers(out) == ledgers
+
+
 def _add_file(root, made):
   add_image_to_study(dataclass_in(made["kept"][0], root))
 

@@ -7,7 +7,8 @@ rows (write its rows only), or new or changed (write it).
 """
 
 import json
-from typing import Dict, Iterable, List, NamedTuple, Optional, Tuple
+from typing import (Dict, Iterable, Iterator, List, NamedTuple, Optional,
+                    Tuple)
 
 import apache_beam as beam
 
@@ -86,21 +87,18 @@ def _rows_in(path: str) -> Iterable[dict]:
       yield json.loads(line[:cut] + b"}" if nested else line)
 
 
-class _ReadLocalCurrent(beam.DoFn):
-  def process(self, metadata_dir: str) -> Iterable[CurrentRow]:
-    rows = (current_row(r) for path in row_files(metadata_dir)
-            for r in _rows_in(path))
-    for study_rows in newest_per_study(rows).values():
-      yield from study_rows
+def read_local_current(metadata_dir: str) -> Iterator[CurrentRow]:
+  """The current rows of earlier runs' row files in a metadata folder."""
+  rows = (current_row(r) for path in row_files(metadata_dir)
+          for r in _rows_in(path))
+  for study_rows in newest_per_study(rows).values():
+    yield from study_rows
 
 
-class _ReadBigQueryCurrent(beam.DoFn):
-  def __init__(self, table: str):
-    self.table = table
-
-  def process(self, _) -> Iterable[CurrentRow]:
-    from transforms.bigquery import CURRENT_VIEW_SUFFIX, query_rows, sql_table
-    sql = f"""
+def read_bigquery_current(table: str) -> Iterator[CurrentRow]:
+  """The rows of a table's current view."""
+  from transforms.bigquery import CURRENT_VIEW_SUFFIX, query_rows, sql_table
+  sql = f"""
         SELECT sop_instance_uid, storage.member_sha256 AS member_sha256,
                storage.member_offset AS member_offset,
                storage.md5_hash AS md5_hash, storage.size_bytes AS size_bytes,
@@ -109,12 +107,29 @@ class _ReadBigQueryCurrent(beam.DoFn):
                storage.member_size_bytes AS member_size_bytes,
                source_version, rules, storage.uri AS uri,
                storage.member AS member, Modality AS modality
-        FROM {sql_table(self.table, CURRENT_VIEW_SUFFIX)}"""
-    for r in query_rows(self.table, sql, {}):
-      written = r["written_at"]
-      r["written_at"] = (rfc3339_utc(written) if hasattr(written, "isoformat")
-                         else str(written))
-      yield CurrentRow(**r)
+        FROM {sql_table(table, CURRENT_VIEW_SUFFIX)}"""
+  for r in query_rows(table, sql, {}):
+    written = r["written_at"]
+    r["written_at"] = (rfc3339_utc(written) if hasattr(written, "isoformat")
+                       else str(written))
+    yield CurrentRow(**r)
+
+
+def current_rows(table: Optional[str], metadata_dir: Optional[str]
+                 ) -> Iterator[CurrentRow]:
+  """From the BigQuery current view when a table is named, else from the
+  row files of earlier runs in the metadata folder."""
+  if table:
+    return read_bigquery_current(table)
+  return read_local_current(metadata_dir or "")
+
+
+class _ReadCurrent(beam.DoFn):
+  def __init__(self, table: Optional[str]):
+    self.table = table
+
+  def process(self, metadata_dir: str) -> Iterable[CurrentRow]:
+    yield from current_rows(self.table, metadata_dir)
 
 
 class ReadCurrentRows(beam.PTransform):
@@ -134,13 +149,9 @@ class ReadCurrentRows(beam.PTransform):
   def expand(self, pbegin):
     if self.overwrite:
       return pbegin | "Nothing" >> beam.Create([])
-    if self.table:
-      read = beam.ParDo(_ReadBigQueryCurrent(self.table))
-    else:
-      read = beam.ParDo(_ReadLocalCurrent())
     return (pbegin
             | "Source" >> beam.Create([self.metadata_dir or ""])
-            | "Read" >> read
+            | "Read" >> beam.ParDo(_ReadCurrent(self.table))
             | "Spread" >> beam.Reshuffle())
 
 

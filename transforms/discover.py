@@ -11,7 +11,8 @@ import json
 import logging
 import os
 import re
-from typing import Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import (Iterable, Iterator, List, Optional, Sequence, Tuple,
+                    Union)
 
 import apache_beam as beam
 from apache_beam.io.filesystem import FileSystem
@@ -166,23 +167,42 @@ def _unbatch(root: str, batch: str) -> Iterable[Tuple[str, str, int, str]]:
     yield root, path, size_bytes, version
 
 
+def to_source_file(root: str, path: str, size_bytes: int, version: str
+                   ) -> Union[SourceFile, Excluded]:
+  """A listed file as a SourceFile, or Excluded (rejected) with the reason
+  it cannot be one: outside any entity folder, an entity name unfit for a
+  key, a link out of the root."""
+  try:
+    source = source_file_for(root, path, size_bytes, version)
+    check_inside_root(root, path)
+    return source
+  except UnsafeKeyComponent as e:
+    parts = path[len(root):].strip("/").split("/")
+    entity = parts[0] if len(parts) > 1 else ""
+    return Excluded(path, entity, REJECTED, str(e))
+
+
+def list_input(roots: Sequence[str], entities: Optional[Sequence[str]] = None
+               ) -> Iterator[Union[SourceFile, Excluded]]:
+  """Every input file, listed in this process (what DiscoverEntityFiles
+  does on workers): a SourceFile, or Excluded when rejected."""
+  for root, pattern in listing_patterns(roots, entities):
+    for path, size_bytes, version in list_files(pattern):
+      yield to_source_file(root, path, size_bytes, version)
+
+
 class _ToSourceFile(beam.DoFn):
   def __init__(self):
     self.rejected = Count("files_rejected")
 
   def process(self, listed: Tuple[str, str, int, str]
               ) -> Iterable[SourceFile]:
-    root, path, size_bytes, version = listed
-    try:
-      source = source_file_for(root, path, size_bytes, version)
-      check_inside_root(root, path)
-      yield source
-    except UnsafeKeyComponent as e:
+    found = to_source_file(*listed)
+    if isinstance(found, SourceFile):
+      yield found
+    else:
       self.rejected.inc()
-      parts = path[len(root):].strip("/").split("/")
-      entity = parts[0] if len(parts) > 1 else ""
-      yield beam.pvalue.TaggedOutput(
-          EXCLUDED_TAG, Excluded(path, entity, REJECTED, str(e)))
+      yield beam.pvalue.TaggedOutput(EXCLUDED_TAG, found)
 
 
 class DiscoverEntityFiles(beam.PTransform):

@@ -160,6 +160,24 @@ def build_report(run_id: str, version: str, collection: str,
           "stored_files": join_uri(listing, "*.json"), **by_status}
 
 
+def report_as_recorded(path: str, run_id: str, version: str, collection: str,
+                       seen: int, entities: int, studies: List[RecordedStudy],
+                       excluded: List[Excluded], plan: bool = False
+                       ) -> Dict[str, Any]:
+  """Writes the report (and its stored listing) of a run whose input is
+  unchanged since earlier runs, decided before the run
+  (shortcut.unchanged_input): every study skipped as recorded, nothing
+  read, no rows. The same report the graph would write."""
+  listing = stored_listing(path, run_id)
+  outcome = PLANNED[SKIP] if plan else SKIPPED
+  report = build_report(
+      run_id, version, collection, seen, entities, excluded,
+      [list_study(study, listing, outcome)[1] for study in studies], 0, 0,
+      listing, plan)
+  write_report(path, report)
+  return report
+
+
 def format_summary(report: Dict[str, Any]) -> str:
   s = report["summary"]
   if report.get("plan"):

@@ -27,7 +27,8 @@ handles it: correctness first, the shortcut only where nothing changed.
 
 import json
 import random
-from typing import Any, Dict, Iterable, List, NamedTuple, Optional, Tuple
+from typing import (Any, Dict, Iterable, Iterator, List, NamedTuple, Optional,
+                    Tuple, Union)
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
@@ -86,9 +87,7 @@ def read_ledger(path: str) -> Iterable[LedgerEntry]:
 
 class _ReadLedger(beam.DoFn):
   def process(self, location: Tuple[str, str]) -> Iterable[LedgerEntry]:
-    path = newest_ledger(*location)
-    if path:
-      yield from read_ledger(path)
+    yield from read_newest_ledger(*location)
 
 
 def _compact(source: SourceFile) -> Tuple[str, str, int, str]:
@@ -131,6 +130,19 @@ def recorded_studies(entity: str, path_of: Dict[str, str],
           for uid, rows in sorted(studies.items())]
 
 
+def as_recorded(entity: str, listed: List[Tuple[str, str, int, str]],
+                current: List[CurrentRow], ledger: List[LedgerEntry]
+                ) -> Iterator[Union[RecordedStudy, Excluded]]:
+  """An unchanged entity as earlier runs recorded it: its studies as their
+  current rows describe them, its flagged and rejected files with their
+  recorded outcome, marked as not read again."""
+  path_of = {relpath: path for path, relpath, _, _ in listed}
+  yield from recorded_studies(entity, path_of, current)
+  for entry in ledger:
+    yield Excluded(path_of[entry.relpath], entity, entry.status, entry.reason,
+                   not_reread_since=entry.run_id)
+
+
 class _Decide(beam.DoFn):
   """Per entity: its studies skipped and its bad files' outcomes kept when
   nothing changed, else its files to read, in batches."""
@@ -147,22 +159,69 @@ class _Decide(beam.DoFn):
     listed = sorted(set(parts["files"]))
     current, ledger = list(parts["current"]), list(parts["ledger"])
     if listed and unchanged(listed, current, ledger, self.rules):
-      yield from self._as_recorded(entity, listed, current, ledger)
+      for recorded in as_recorded(entity, listed, current, ledger):
+        if isinstance(recorded, RecordedStudy):
+          self.not_read.inc(len(recorded.files))
+          yield beam.pvalue.TaggedOutput(SKIPPED_TAG, recorded)
+        else:
+          (self.flagged if recorded.status == FLAGGED else self.rejected).inc()
+          yield beam.pvalue.TaggedOutput(EXCLUDED_TAG, recorded)
     else:
       for start in range(0, len(listed), FILES_PER_BATCH):
         yield (random.getrandbits(32), json.dumps(
             [entity, listed[start:start + FILES_PER_BATCH]]))
 
-  def _as_recorded(self, entity, listed, current, ledger) -> Iterable[Any]:
-    path_of = {relpath: path for path, relpath, _, _ in listed}
-    for study in recorded_studies(entity, path_of, current):
-      self.not_read.inc(len(study.files))
-      yield beam.pvalue.TaggedOutput(SKIPPED_TAG, study)
-    for entry in ledger:
-      (self.flagged if entry.status == FLAGGED else self.rejected).inc()
-      yield beam.pvalue.TaggedOutput(EXCLUDED_TAG, Excluded(
-          path_of[entry.relpath], entity, entry.status, entry.reason,
-          not_reread_since=entry.run_id))
+
+class AsRecorded(NamedTuple):
+  """A run's whole input unchanged since earlier runs, decided before the
+  run: what its report and its ledger say."""
+  seen: int                    # files listed
+  entities: int
+  studies: List[RecordedStudy]
+  excluded: List[Excluded]     # recorded outcomes, and files rejected by name
+  ledger: List[LedgerEntry]    # carried over as they are
+
+
+def unchanged_input(listed: Iterable[Union[SourceFile, Excluded]],
+                    current: Iterable[CurrentRow],
+                    ledger: Iterable[LedgerEntry], rules: str
+                    ) -> Optional[AsRecorded]:
+  """The whole input as recorded, when every entity listed is unchanged
+  (the same test EntityShortcut makes per entity); None as soon as one is
+  not, or when nothing is listed: the run then goes through the graph."""
+  files: Dict[str, set] = {}
+  seen, excluded = 0, []
+  for found in listed:
+    seen += 1
+    if isinstance(found, SourceFile):
+      files.setdefault(found.entity_id, set()).add(_compact(found))
+    else:   # rejected by its name: not recorded, decided again every run
+      excluded.append(found)
+  if not files:
+    return None
+  rows: Dict[str, List[CurrentRow]] = {}
+  for row in current:
+    rows.setdefault(row.entity_id, []).append(row)
+  entries: Dict[str, List[LedgerEntry]] = {}
+  for entry in ledger:
+    entries.setdefault(entry.entity_id, []).append(entry)
+  studies, kept = [], []
+  for entity, entity_files in sorted(files.items()):
+    entity_listed = sorted(entity_files)
+    entity_rows, entity_entries = rows.get(entity, []), entries.get(entity, [])
+    if not unchanged(entity_listed, entity_rows, entity_entries, rules):
+      return None
+    for recorded in as_recorded(entity, entity_listed, entity_rows,
+                                entity_entries):
+      (studies if isinstance(recorded, RecordedStudy) else excluded).append(
+          recorded)
+    kept += entity_entries
+  return AsRecorded(seen, len(files), studies, excluded, kept)
+
+
+def read_newest_ledger(bucket: str, collection: str) -> List[LedgerEntry]:
+  path = newest_ledger(bucket, collection)
+  return list(read_ledger(path)) if path else []
 
 
 def _unbatch(keyed_batch) -> Iterable[SourceFile]:
@@ -224,11 +283,14 @@ def _ledger_entry(source: SourceFile, excluded: Dict[str, Excluded],
                       found.not_reread_since or run_id)._asdict()
 
 
-def _write_ledger(keyed_entries, path: str) -> Iterable[str]:
+def write_ledger(path: str, entries: Iterable[Dict[str, Any]]) -> None:
   """The whole ledger, written even when empty: the newest ledger must be
   this run's, or an older one's entries would be read back."""
-  write_text_file(path, "".join(sorted(
-      json_line(e) + "\n" for e in keyed_entries[1] if e is not None)))
+  write_text_file(path, "".join(sorted(json_line(e) + "\n" for e in entries)))
+
+
+def _write_ledger(keyed_entries, path: str) -> Iterable[str]:
+  write_ledger(path, (e for e in keyed_entries[1] if e is not None))
   yield path
 
 
