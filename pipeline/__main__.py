@@ -4,10 +4,13 @@ import logging
 import os
 import sys
 
-from pipeline import local_workers
+from pipeline import lazy_imports, local_workers
 
-# Before Beam is imported: the workers' imports overlap the driver's.
+# Before Beam is imported: the workers' imports overlap the driver's, and
+# the driver of a local run leaves unused cloud clients unloaded.
 local_workers.start_early(sys.argv[1:])
+if local_workers.runs_locally(sys.argv[1:]):
+  lazy_imports.defer_cloud_clients()
 
 from pipeline.run import main  # pylint: disable=wrong-import-position
 

@@ -46,19 +46,31 @@ def default_worker_count() -> int:
   return os.cpu_count() or 1
 
 
-def local_worker_count(argv: List[str]) -> int:
-  """How many worker processes these arguments give a DirectRunner run
-  (one per core by default), or 0 for a run without worker processes (in
-  one process, or on another runner). Read without importing Beam."""
+def _runner_arguments(argv: List[str]) -> Optional[argparse.Namespace]:
+  """--runner and the DirectRunner's options, read without importing Beam;
+  None when malformed (Beam's parser will say so)."""
   parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
   parser.add_argument("--runner")
   parser.add_argument("--direct_running_mode")
   parser.add_argument("--direct_num_workers", type=int)
   try:
-    known, _ = parser.parse_known_args(argv)
-  except SystemExit:  # a malformed value: Beam's parser will say so
-    return 0
-  if (known.runner not in (None, "DirectRunner") or
+    return parser.parse_known_args(argv)[0]
+  except SystemExit:
+    return None
+
+
+def runs_locally(argv: List[str]) -> bool:
+  """Whether these arguments run the pipeline here (the DirectRunner)."""
+  known = _runner_arguments(argv)
+  return known is not None and known.runner in (None, "DirectRunner")
+
+
+def local_worker_count(argv: List[str]) -> int:
+  """How many worker processes these arguments give a DirectRunner run
+  (one per core by default), or 0 for a run without worker processes (in
+  one process, or on another runner). Read without importing Beam."""
+  known = _runner_arguments(argv)
+  if (known is None or known.runner not in (None, "DirectRunner") or
       known.direct_running_mode not in (None, "multi_processing")):
     return 0
   if (known.direct_running_mode is None and known.direct_num_workers is None

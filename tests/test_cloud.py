@@ -445,3 +445,21 @@ def test_missing_credentials_fail_fast_with_the_fix(sample, tmp_path, env, expec
   last = done.stderr.strip().splitlines()[-1]
   assert last.startswith("error: ") and expected in last
   assert "gcloud auth application-default login" in last
+
+
+def test_a_command_line_run_loads_bigquery_at_its_first_use(emulators, sample,
+                                                            tmp_path):
+  """`python -m pipeline` leaves the cloud clients it may not use unloaded
+  (pipeline/lazy_imports.py); a run with a table loads BigQuery's when it
+  first needs it, and its rows arrive."""
+  root, made = sample
+  done = subprocess.run(
+      [sys.executable, "-m", "pipeline", f"--input={root}",
+       f"--bucket={tmp_path / 'bucket'}", "--collection=LAZYCLI",
+       f"--bigquery_project={PROJECT}", f"--report={tmp_path / 'report.json'}"],
+      cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr[-2000:]
+  kept = json.loads((tmp_path / "report.json").read_text())["summary"]["kept"]
+  assert kept == len(made["kept"])
+  assert query(f"SELECT COUNT(*) AS n FROM `{PROJECT}.LAZYCLI.dicom`"
+               )[0]["n"] == kept

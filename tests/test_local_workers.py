@@ -93,3 +93,32 @@ def test_a_silent_warm_process_is_given_up_for_beams_own_worker(tmp_path):
     silent.close()
   assert done.returncode != 0
   assert "sdk_worker_main" in done.stderr, done.stderr[-2000:]
+
+
+def test_the_drivers_unused_cloud_clients_load_at_first_use_only():
+  """After Beam and the pipeline are imported with the deferral on, the
+  Pub/Sub, Dataflow and BigQuery clients have not run; the first attribute
+  looked up loads BigQuery's whole, submodules included."""
+  script = """
+import sys, types
+from pipeline import lazy_imports
+lazy_imports.defer_cloud_clients()
+import pipeline.run
+loaded = lambda n: type(sys.modules[n]) is types.ModuleType
+print([loaded(n) for n in lazy_imports.DEFERRED])
+from google.cloud import bigquery
+print(bigquery.Client.__name__, bigquery.table.Table.__name__,
+      loaded("google.cloud.bigquery"))
+"""
+  done = subprocess.run([sys.executable, "-c", script], capture_output=True,
+                        text=True, timeout=120,
+                        cwd=os.path.dirname(os.path.dirname(__file__)))
+  assert done.returncode == 0, done.stderr[-2000:]
+  assert done.stdout.splitlines() == ["[False, False, False]",
+                                      "Client Table True"]
+
+
+def test_only_a_local_run_defers_them():
+  assert local_workers.runs_locally(["--input=x"])
+  assert local_workers.runs_locally(["--runner=DirectRunner"])
+  assert not local_workers.runs_locally(["--runner=DataflowRunner"])
