@@ -286,3 +286,14 @@ def test_a_killed_runs_lease_expires_and_the_next_run_proceeds(sample,
   clean = tmp_path / "clean"
   run_pipeline(root, clean)
   assert _state(out) == _state(clean)
+
+
+def test_an_entitys_files_are_read_in_batches_of_equal_size():
+  from transforms.shortcut import even_batches
+  sizes = lambda n, most: [len(b) for b in even_batches(list(range(n)), most)]
+  assert sizes(100, 64) == [50, 50]
+  assert sizes(129, 64) == [43, 43, 43]
+  assert sizes(64, 64) == [64] and sizes(3, 64) == [3] and sizes(0, 64) == []
+  batches = list(even_batches(list(range(1000)), 64))
+  assert [i for b in batches for i in b] == list(range(1000))
+  assert max(map(len, batches)) <= 64 and len(batches) == 16
