@@ -87,8 +87,9 @@ class StorageOptions(PipelineOptions):
              "Default: deid's own 'dicom' recipe.")
     parser.add_argument(
         "--compression_level", type=int, default=DEFAULT_COMPRESSION_LEVEL,
-        help="ISA-L gzip level 0-3 for images of 512 KiB and more (smaller "
-             "ones use libdeflate level 1). Default: 2.")
+        help="ISA-L gzip level 0-3 for images of 512 KiB and more (from 64 "
+             "to 512 KiB: libdeflate level 1; under 64 KiB: ISA-L level 3). "
+             "Default: 2.")
     parser.add_argument(
         "--entities_file",
         help="Text file (local or gs://) listing the entity ids to process, "

@@ -78,12 +78,18 @@ def tar_header(name: str, size: int) -> bytes:
                     errors="strict")
 
 
-# Each image is compressed alone, so deflate restarts at every member; on
-# small images ISA-L's fast levels then end ~6% above gzip -6. Members below
-# SMALL_MEMBER_BYTES are compressed whole by libdeflate level 1 instead
-# (about 3.5% above gzip -6, at a third of ISA-L's speed but twice
-# zlib-ng level 3's); larger ones are streamed through ISA-L. The choice
-# depends on the size alone, so archives stay reproducible.
+# Each image is compressed alone, so deflate restarts at every member, and
+# ISA-L's fast levels end further above gzip -6 the larger the image (level
+# 3: ~1.04 at 40 KB, ~1.05 at 128 KB, ~1.07 at 288 KB). By size, measured
+# on the benchmark's images (bench/README.md):
+# - under TINY_MEMBER_BYTES: ISA-L level 3, as small as libdeflate level 1
+#   (1.043 against 1.040 times gzip -6 on 39 KB CT slices) at 2.3 times
+#   its speed; the slices of CT and MR series are mostly this size;
+# - under SMALL_MEMBER_BYTES: libdeflate level 1, whole (~1.035);
+# - larger: streamed through ISA-L at --compression_level.
+# The choice depends on the size alone, so archives stay reproducible.
+TINY_MEMBER_BYTES = 64 * 1024
+TINY_MEMBER_LEVEL = 3
 SMALL_MEMBER_BYTES = 512 * 1024
 SMALL_MEMBER_LEVEL = 1
 
@@ -110,8 +116,11 @@ def _entry_chunks(name: str, source: BinaryIO, size: int, digest):
 
 def gzip_member(chunks: Iterable[bytes], size: int, level: int):
   """The compressed pieces of one standard gzip member (header mtime 0)
-  holding chunks; `level` is ISA-L's, for members of SMALL_MEMBER_BYTES
-  and more."""
+  holding chunks of a file of `size` bytes; `level` is ISA-L's, for
+  members of SMALL_MEMBER_BYTES and more."""
+  if size < TINY_MEMBER_BYTES:
+    yield isal_zlib.compress(b"".join(chunks), TINY_MEMBER_LEVEL, 31)
+    return
   if size < SMALL_MEMBER_BYTES:
     yield bytes(deflate.gzip_compress(b"".join(chunks), SMALL_MEMBER_LEVEL))
     return
