@@ -12,7 +12,9 @@ import concurrent.futures
 import datetime
 import logging
 import os
-from typing import BinaryIO, Callable, Iterable, List, Optional, Tuple
+import threading
+from typing import (BinaryIO, Callable, Dict, Iterable, List, Optional,
+                    Tuple)
 
 import apache_beam as beam
 from apache_beam.io.filesystem import CompressionTypes
@@ -48,6 +50,22 @@ PARALLEL_MEMBER_BYTES = 32 << 20
 IN_FLIGHT_BYTES = 16 << 20
 
 
+_pools: Dict[int, concurrent.futures.ThreadPoolExecutor] = {}
+_pools_lock = threading.Lock()
+
+
+def compression_pool(threads: int) -> concurrent.futures.ThreadPoolExecutor:
+  """The process's pool of `threads` compression threads, made at its first
+  use (in a worker, after the fork) and kept: a pool per study started and
+  joined up to four threads for each of thousands of small studies."""
+  with _pools_lock:
+    pool = _pools.get(threads)
+    if pool is None:
+      pool = _pools[threads] = concurrent.futures.ThreadPoolExecutor(
+          threads, thread_name_prefix="compress")
+    return pool
+
+
 def write_study_archive(study: Study, out: BinaryIO,
                         level: int = DEFAULT_COMPRESSION_LEVEL,
                         opener: Callable[[str], BinaryIO] = open_source,
@@ -79,28 +97,28 @@ def write_study_archive(study: Study, out: BinaryIO,
     in_flight -= image.source.size_bytes
     append(image, name, *writer.add_compressed(pieces), sha256)
 
-  with concurrent.futures.ThreadPoolExecutor(threads) as pool:
-    try:
-      for image in study.images:
-        name = study.member_name(image)
-        size = image.source.size_bytes
-        if size > PARALLEL_MEMBER_BYTES:
-          while pending:
-            append_oldest()
-          with opener(image.source.path) as source:
-            append(image, name, *writer.add_stream(name, source, size))
-          continue
-        while pending and (len(pending) > 2 * threads
-                           or in_flight + size > IN_FLIGHT_BYTES):
+  pool = compression_pool(threads)
+  try:
+    for image in study.images:
+      name = study.member_name(image)
+      size = image.source.size_bytes
+      if size > PARALLEL_MEMBER_BYTES:
+        while pending:
           append_oldest()
-        pending.append((image, name, pool.submit(
-            compress_entry, name, opener, image.source.path, size, level)))
-        in_flight += size
-      while pending:
+        with opener(image.source.path) as source:
+          append(image, name, *writer.add_stream(name, source, size))
+        continue
+      while pending and (len(pending) > 2 * threads
+                         or in_flight + size > IN_FLIGHT_BYTES):
         append_oldest()
-    finally:
-      for _, _, future in pending:
-        future.cancel()
+      pending.append((image, name, pool.submit(
+          compress_entry, name, opener, image.source.path, size, level)))
+      in_flight += size
+    while pending:
+      append_oldest()
+  finally:
+    for _, _, future in pending:
+      future.cancel()
   manifest_at = writer.add_bytes(f"{study.archive_root}/{MANIFEST_NAME}",
                                  manifest_bytes(study, members))
   writer.close(*manifest_at)
