@@ -27,6 +27,7 @@ setuptools.setup(
         "google-cloud-storage>=2.18,<4",
         "google-crc32c>=1.5,<2",
         "deid==0.4.13",
+        "orjson==3.13.0",   # every run parses the current rows of earlier runs
     ],
     extras_require={
         # python -m pipeline.query (and export from local rows): BigQuery

@@ -399,7 +399,11 @@ def check_pipeline(corpus: Corpus, out: Path, ratio: bool) -> dict[str, Any]:
 
 
 def timed(label: str, cmd: list[str], cwd: Path, log: Path, args: argparse.Namespace) -> Measurement:
-    """One measured run, with the progress line every run prints."""
+    """One measured run, with the progress line every run prints. What
+    earlier runs wrote reaches the disk first (sync): a run is not charged
+    for its predecessor's writeback (the first run of the rerun case wrote
+    ~500 MB, flushed during the short re-run after it)."""
+    os.sync()
     wait_idle(args.wait_idle)
     print(f"  {label:<11} ...", end=" ", flush=True)
     probe = cpu_probe_s()

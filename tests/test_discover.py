@@ -7,7 +7,7 @@ from apache_beam.testing.util import assert_that, equal_to
 from conftest import local_pipeline
 from transforms.discover import (DiscoverEntityFiles, InputError,
                                  check_input_roots, check_inside_root,
-                                 split_input_roots)
+                                 list_files, split_input_roots)
 from transforms.keys import UnsafeKeyComponent
 from transforms.records import REJECTED, Excluded, SourceFile
 
@@ -85,9 +85,39 @@ def test_check_inside_root_follows_only_links_below_the_root(tmp_path):
   os.symlink(outside / "d" / "secret.dcm", real_root / "E" / "s" / "file_out")
   os.symlink(real_root / "E" / "s", real_root / "E" / "dir_in")
   os.symlink(real_root, tmp_path / "root_link")   # the root itself via a link
-  for root in (str(real_root), str(tmp_path / "root_link")):
-    check_inside_root(root, f"{root}/E/s/a.dcm")
-    check_inside_root(root, f"{root}/E/dir_in/a.dcm")
-    for escaping in ("E/dir_out/secret.dcm", "E/s/file_out"):
-      with pytest.raises(UnsafeKeyComponent, match="outside the input root"):
-        check_inside_root(root, f"{root}/{escaping}")
+  # Alone, and with the folders of one listing checked once (the same
+  # answers, whatever was checked before).
+  for folders in (None, {}):
+    for root in (str(real_root), str(tmp_path / "root_link")):
+      check_inside_root(root, f"{root}/E/s/a.dcm", folders)
+      check_inside_root(root, f"{root}/E/dir_in/a.dcm", folders)
+      for escaping in ("E/dir_out/secret.dcm", "E/s/file_out"):
+        with pytest.raises(UnsafeKeyComponent, match="outside the input root"):
+          check_inside_root(root, f"{root}/{escaping}", folders)
+      check_inside_root(root, f"{root}/E/s/a.dcm", folders)
+  assert folders[f"{real_root}/E/dir_out"] and not folders[f"{real_root}/E/s"]
+
+
+def test_a_local_listing_is_what_beams_match_lists(tmp_path):
+  """list_files walks a local disk itself (one stat per file): the same
+  files, sizes and versions as FileSystems.match, links, hidden files and
+  globbed roots included."""
+  from apache_beam.io.filesystems import FileSystems
+  root = tmp_path / "in"
+  for rel in ("A/s1/a.dcm", "A/.hidden", "B/DICOM/I0001", "B/deep/x/y/z.dcm",
+              "C[1]/a.dcm", "top.dcm"):
+    (root / rel).parent.mkdir(parents=True, exist_ok=True)
+    (root / rel).write_bytes(rel.encode())
+  (tmp_path / "out").mkdir()
+  (tmp_path / "out" / "secret.dcm").write_bytes(b"s")
+  os.symlink(tmp_path / "out" / "secret.dcm", root / "A" / "file_link")
+  os.symlink(tmp_path / "out", root / "A" / "folder_link")
+  os.symlink(tmp_path / "out" / "missing", root / "A" / "dangling")
+  for pattern in (f"{root}/**", f"{root}/A/**", f"{tmp_path}/i*/B/**",
+                  f"{tmp_path}/nowhere/**"):
+    by_beam = sorted(
+        (m.path, m.size_in_bytes, f"mtime_ns:{os.stat(m.path).st_mtime_ns}")
+        for result in FileSystems.match([pattern])
+        for m in result.metadata_list)
+    assert sorted(list_files(pattern)) == by_beam, pattern
+  assert f"{root}/A/file_link" in {p for p, _, _ in list_files(f"{root}/**")}

@@ -6,11 +6,11 @@ cheaply whether the study is already stored (skip it), stored but missing
 rows (write its rows only), or new or changed (write it).
 """
 
-import json
 from typing import (Dict, Iterable, Iterator, List, NamedTuple, Optional,
                     Tuple)
 
 import apache_beam as beam
+import orjson
 
 from transforms.records import rfc3339_utc
 from transforms.files import open_binary
@@ -84,7 +84,7 @@ def _rows_in(path: str) -> Iterable[dict]:
         continue
       cut = line.find(_METADATA_AT_END)
       nested = cut > 0 and line[cut + len(_METADATA_AT_END):][:1] == b"{"
-      yield json.loads(line[:cut] + b"}" if nested else line)
+      yield orjson.loads(line[:cut] + b"}" if nested else line)
 
 
 def read_local_current(metadata_dir: str) -> Iterator[CurrentRow]:

@@ -11,8 +11,8 @@ import json
 import logging
 import os
 import re
-from typing import (Iterable, Iterator, List, Optional, Sequence, Tuple,
-                    Union)
+from typing import (Dict, Iterable, Iterator, List, Optional, Sequence,
+                    Tuple, Union)
 
 import apache_beam as beam
 from apache_beam.io.filesystem import FileSystem
@@ -78,23 +78,28 @@ def source_file_for(root: str, path: str, size_bytes: int,
 _realpath_of_root = functools.lru_cache(maxsize=64)(os.path.realpath)
 
 
-def check_inside_root(root: str, path: str) -> None:
+def check_inside_root(root: str, path: str,
+                      folders: Optional[Dict[str, bool]] = None) -> None:
   """A local file must resolve to a place inside its root: a symbolic link
-  pointing elsewhere is never followed (Cloud Storage has no links)."""
+  pointing elsewhere is never followed (Cloud Storage has no links).
+  folders: whether each folder below the root is a link, as found for the
+  files listed before this one in the same listing (filled in here)."""
   if FileSystems.get_scheme(path) not in (None, "file"):
     return
   depth = len(root.rstrip("/").split("/"))
   parts = path.split("/")
   # Only a link below the root can lead out of it; without one, the file is
   # where its path says. Checking those few steps costs a fraction of
-  # resolving the whole path, for every file.
+  # resolving the whole path, for every file; the folders, shared by the
+  # files of a listing, are checked once per listing.
   place = "/".join(parts[:depth])
-  for part in parts[depth:]:
+  for part in parts[depth:-1]:
     place += "/" + part
-    if os.path.islink(place):
+    if _folder_is_link(place, folders):
       break
   else:
-    return
+    if not os.path.islink(path):
+      return
   root_dir = _realpath_of_root("/".join(parts[:depth]))
   target = os.path.realpath(path)
   if os.path.commonpath([root_dir, target]) != root_dir:
@@ -114,18 +119,33 @@ def listing_patterns(roots: Sequence[str],
 
 def list_files(pattern: str) -> Iterator[Tuple[str, int, str]]:
   """(path, size, version) of every file matching a glob: on Cloud Storage
-  from the bucket's listing (version: the object's generation), elsewhere
-  through FileSystems (version: a local file's modification time in
-  nanoseconds)."""
+  from the bucket's listing (version: the object's generation), on a local
+  disk as LocalFileSystem lists (version: the modification time in
+  nanoseconds), elsewhere through FileSystems."""
+  wanted = re.compile(FileSystem.translate_pattern(pattern))
+  glob_at = min([pattern.find(c) for c in _GLOB_CHARS if c in pattern]
+                + [len(pattern)])
   if pattern.startswith("gs://"):
     from transforms.gcs import split_gs_uri, storage_client
-    bucket, name = split_gs_uri(pattern)
-    glob_at = min([name.find(c) for c in _GLOB_CHARS if c in name] + [len(name)])
-    wanted = re.compile(FileSystem.translate_pattern(pattern))
-    for blob in storage_client().list_blobs(bucket, prefix=name[:glob_at]):
+    bucket, prefix = split_gs_uri(pattern[:glob_at])
+    for blob in storage_client().list_blobs(bucket, prefix=prefix):
       path = f"gs://{bucket}/{blob.name}"
       if wanted.match(path) and not blob.name.endswith("/"):
         yield path, blob.size, f"generation:{blob.generation}"
+    return
+  if FileSystems.get_scheme(pattern) is None:
+    # What LocalFileSystem's match does (every file below the folder of the
+    # pattern's fixed prefix, linked folders not followed, kept when it
+    # matches), with one stat per file where it makes three.
+    for folder, _, names in os.walk(os.path.dirname(pattern[:glob_at])):
+      for name in names:
+        path = os.path.join(folder, name)
+        if wanted.match(path):
+          try:
+            found = os.stat(path)
+          except OSError:   # gone since listed
+            continue
+          yield path, found.st_size, f"mtime_ns:{found.st_mtime_ns}"
     return
   for result in FileSystems.match([pattern]):
     for meta in result.metadata_list:
@@ -167,14 +187,24 @@ def _unbatch(root: str, batch: str) -> Iterable[Tuple[str, str, int, str]]:
     yield root, path, size_bytes, version
 
 
-def to_source_file(root: str, path: str, size_bytes: int, version: str
+def _folder_is_link(place: str, folders: Optional[Dict[str, bool]]) -> bool:
+  if folders is None:
+    return os.path.islink(place)
+  found = folders.get(place)
+  if found is None:
+    found = folders[place] = os.path.islink(place)
+  return found
+
+
+def to_source_file(root: str, path: str, size_bytes: int, version: str,
+                   folders: Optional[Dict[str, bool]] = None
                    ) -> Union[SourceFile, Excluded]:
   """A listed file as a SourceFile, or Excluded (rejected) with the reason
   it cannot be one: outside any entity folder, an entity name unfit for a
-  key, a link out of the root."""
+  key, a link out of the root. folders: as check_inside_root's."""
   try:
     source = source_file_for(root, path, size_bytes, version)
-    check_inside_root(root, path)
+    check_inside_root(root, path, folders)
     return source
   except UnsafeKeyComponent as e:
     parts = path[len(root):].strip("/").split("/")
@@ -186,18 +216,23 @@ def list_input(roots: Sequence[str], entities: Optional[Sequence[str]] = None
                ) -> Iterator[Union[SourceFile, Excluded]]:
   """Every input file, listed in this process (what DiscoverEntityFiles
   does on workers): a SourceFile, or Excluded when rejected."""
+  folders: Dict[str, bool] = {}
   for root, pattern in listing_patterns(roots, entities):
     for path, size_bytes, version in list_files(pattern):
-      yield to_source_file(root, path, size_bytes, version)
+      yield to_source_file(root, path, size_bytes, version, folders)
 
 
 class _ToSourceFile(beam.DoFn):
   def __init__(self):
     self.rejected = Count("files_rejected")
+    self.folders: Dict[str, bool] = {}
+
+  def start_bundle(self):
+    self.folders = {}   # what one bundle of a listing found, no longer
 
   def process(self, listed: Tuple[str, str, int, str]
               ) -> Iterable[SourceFile]:
-    found = to_source_file(*listed)
+    found = to_source_file(*listed, self.folders)
     if isinstance(found, SourceFile):
       yield found
     else:
