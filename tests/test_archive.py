@@ -146,3 +146,22 @@ def test_threads_and_streamed_large_files_give_the_same_bytes(tmp_path,
       i.sop_instance_uid for i in study.images]
   with tarfile.open(fileobj=io.BytesIO(many.getvalue()), mode="r:gz") as t:
     assert [t.extractfile(m.member).read() for m in members] == contents
+
+
+def test_a_forked_process_compresses_with_a_pool_of_its_own(tmp_path):
+  """The compression pool is made once per process; a process forked after
+  it was made (without its threads) makes its own instead of waiting on
+  threads that do not exist there."""
+  import multiprocessing
+  from transforms.archive import compression_pool
+  parent = compression_pool(2)
+  assert compression_pool(2) is parent
+  assert parent.submit(sum, [1, 2]).result(timeout=10) == 3
+  context = multiprocessing.get_context("fork")
+  with context.Pool(1) as children:
+    assert children.apply_async(_sum_in_pool).get(timeout=30) == 3
+
+
+def _sum_in_pool():
+  from transforms.archive import compression_pool
+  return compression_pool(2).submit(sum, [1, 2]).result(timeout=10)

@@ -50,18 +50,21 @@ PARALLEL_MEMBER_BYTES = 32 << 20
 IN_FLIGHT_BYTES = 16 << 20
 
 
-_pools: Dict[int, concurrent.futures.ThreadPoolExecutor] = {}
+_pools: Dict[Tuple[int, int], concurrent.futures.ThreadPoolExecutor] = {}
 _pools_lock = threading.Lock()
 
 
 def compression_pool(threads: int) -> concurrent.futures.ThreadPoolExecutor:
   """The process's pool of `threads` compression threads, made at its first
   use (in a worker, after the fork) and kept: a pool per study started and
-  joined up to four threads for each of thousands of small studies."""
+  joined up to four threads for each of thousands of small studies. Keyed
+  by process too: a process forked after the pool was made has none of
+  its threads, and gets a pool of its own."""
+  key = (os.getpid(), threads)
   with _pools_lock:
-    pool = _pools.get(threads)
+    pool = _pools.get(key)
     if pool is None:
-      pool = _pools[threads] = concurrent.futures.ThreadPoolExecutor(
+      pool = _pools[key] = concurrent.futures.ThreadPoolExecutor(
           threads, thread_name_prefix="compress")
     return pool
 
