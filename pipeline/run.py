@@ -4,6 +4,7 @@
 
 import contextlib
 import datetime
+import itertools
 import os
 import shutil
 import sys
@@ -53,10 +54,11 @@ from transforms.progress import PROGRESS_DIR_ENV, read_progress
 from transforms.report import (WriteRunReport, format_summary, read_report,
                                report_as_recorded, write_report)
 from transforms.rows import BuildRows
-from transforms.shortcut import (AsRecorded, EntityShortcut,
-                                 ReadExcludedLedger, WriteExcludedLedger,
-                                 ledger_path, read_newest_ledger,
-                                 unchanged_input, write_ledger)
+from transforms.shortcut import (DRIVER_DECISION_FILES, AsRecorded,
+                                 EntityShortcut, ReadExcludedLedger,
+                                 WriteExcludedLedger, ledger_path,
+                                 newest_ledger, read_ledger, unchanged_input,
+                                 write_ledger)
 from transforms.sinks import (CheckRows, WriteDeadLetters, WriteRowsBigQuery,
                               WriteRowsLocal, write_text_file)
 from transforms.studies import GroupStudies
@@ -356,16 +358,23 @@ def input_as_recorded(config: RunConfig, has_current: bool
   """Before a local run: its whole input as earlier runs recorded it, when
   nothing changed since (transforms/shortcut.py), decided here instead of
   by a graph and its worker processes that would find nothing to do; None
-  otherwise. Local runs only: a Dataflow launcher would read every current
-  row of the collection itself."""
+  otherwise. Local runs of at most DRIVER_DECISION_FILES files only: this
+  process lists them and holds the current rows while it decides, where a
+  larger run's graph does both on its workers (and a Dataflow launcher
+  would read every current row itself)."""
   if config.overwrite or config.full_scan or not has_current:
     return None
-  current = list(current_rows(config.bigquery_table, config.metadata_output))
-  ledger = read_newest_ledger(config.bucket, config.collection)
-  if not current and not ledger:   # a first run
+  ledger_file = newest_ledger(config.bucket, config.collection)
+  if ledger_file is None:   # every run writes one: no run to compare with
     return None
-  return unchanged_input(list_input(config.input_roots, config.entities),
-                         current, ledger, config.rules_id)
+  listed = list(itertools.islice(
+      list_input(config.input_roots, config.entities),
+      DRIVER_DECISION_FILES + 1))
+  if len(listed) > DRIVER_DECISION_FILES:
+    return None
+  return unchanged_input(
+      listed, current_rows(config.bigquery_table, config.metadata_output),
+      read_ledger(ledger_file), config.rules_id)
 
 
 def write_as_recorded(config: RunConfig, run_id: str, recorded: AsRecorded

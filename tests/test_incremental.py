@@ -99,6 +99,21 @@ def test_an_unchanged_input_is_decided_before_the_graph_as_the_graph_would(
       f"rows-{decided_first['run_id']}-*"))
 
 
+def test_a_large_input_is_decided_by_the_graph_alike(changing, monkeypatch):
+  """Over DRIVER_DECISION_FILES files the driver does not list the input
+  or hold its rows: the graph decides, and nothing changed is still
+  nothing read (the graph writes its empty row file)."""
+  import pipeline.run
+  root, _, out, first = changing
+  monkeypatch.setattr(pipeline.run, "DRIVER_DECISION_FILES", 10)
+  again = run_pipeline(root, out)
+  s = again["summary"]
+  assert s["input_bytes_read"] == 0 and s["files_not_read"] == 44
+  assert s["objects"] == 0 and s["studies_skipped"] == 6
+  assert list((out / "metadata").glob(f"rows-{again['run_id']}-*"))
+  assert read_stored_listing(again) == read_stored_listing(first)
+
+
 def test_a_plan_of_an_unchanged_input_skips_everything_and_writes_no_ledger(
     changing):
   root, _, out, _ = changing

@@ -87,7 +87,9 @@ def read_ledger(path: str) -> Iterable[LedgerEntry]:
 
 class _ReadLedger(beam.DoFn):
   def process(self, location: Tuple[str, str]) -> Iterable[LedgerEntry]:
-    yield from read_newest_ledger(*location)
+    path = newest_ledger(*location)
+    if path:
+      yield from read_ledger(path)
 
 
 def _compact(source: SourceFile) -> Tuple[str, str, int, str]:
@@ -182,6 +184,13 @@ class _Decide(beam.DoFn):
         yield random.getrandbits(32), json.dumps([entity, batch])
 
 
+# Up to this many listed files, a local run decides in its driver whether
+# its whole input is unchanged (pipeline/run.py input_as_recorded): ~1 s of
+# listing and ~260 MB of current rows held at most, against the ~2 s its
+# worker processes take to start. A larger input is decided by the graph.
+DRIVER_DECISION_FILES = 200_000
+
+
 class AsRecorded(NamedTuple):
   """A run's whole input unchanged since earlier runs, decided before the
   run: what its report and its ledger say."""
@@ -227,11 +236,6 @@ def unchanged_input(listed: Iterable[Union[SourceFile, Excluded]],
           recorded)
     kept += entity_entries
   return AsRecorded(seen, len(files), studies, excluded, kept)
-
-
-def read_newest_ledger(bucket: str, collection: str) -> List[LedgerEntry]:
-  path = newest_ledger(bucket, collection)
-  return list(read_ledger(path)) if path else []
 
 
 def _unbatch(keyed_batch) -> Iterable[SourceFile]:
