@@ -164,18 +164,16 @@ def report_as_recorded(path: str, run_id: str, version: str, collection: str,
                        seen: int, entities: int, studies: List[RecordedStudy],
                        excluded: List[Excluded], plan: bool = False
                        ) -> Dict[str, Any]:
-  """Writes the report (and its stored listing) of a run whose input is
-  unchanged since earlier runs, decided before the run
-  (shortcut.unchanged_input): every study skipped as recorded, nothing
-  read, no rows. The same report the graph would write."""
+  """The report of a run whose input is unchanged since earlier runs,
+  decided before the run (shortcut.unchanged_input): every study skipped
+  as recorded, nothing read, no rows; the same report the graph would
+  write to `path` (the caller writes it). Writes its stored listing."""
   listing = stored_listing(path, run_id)
   outcome = PLANNED[SKIP] if plan else SKIPPED
-  report = build_report(
+  return build_report(
       run_id, version, collection, seen, entities, excluded,
       [list_study(study, listing, outcome)[1] for study in studies], 0, 0,
       listing, plan)
-  write_report(path, report)
-  return report
 
 
 def format_summary(report: Dict[str, Any]) -> str:
