@@ -196,6 +196,12 @@ def check_targets(config: RunConfig, run_id: str) -> bool:
         f"{explain_forbidden(e, table=config.bigquery_table)}") from e
 
 
+def skips_unchanged(config: RunConfig, has_current: bool) -> bool:
+  """Whether entities unchanged since earlier runs may go unread: not with
+  --overwrite or --full_scan, nor without current rows to compare with."""
+  return has_current and not (config.overwrite or config.full_scan)
+
+
 def build(p: beam.Pipeline, config: RunConfig, run_id: str,
           spill_dir: Optional[str] = None, read_current: bool = True
           ) -> None:
@@ -211,7 +217,7 @@ def build(p: beam.Pipeline, config: RunConfig, run_id: str,
       config.overwrite or not read_current)
   report = {"seen": (found.files, found[EXCLUDED]), "files": found.files}
   to_read, excluded = found.files, [found[EXCLUDED]]
-  if not (config.overwrite or config.full_scan or not read_current):
+  if skips_unchanged(config, read_current):
     # Entities unchanged since earlier runs are not read again.
     ledger = p | "ReadExcludedLedger" >> ReadExcludedLedger(
         config.bucket, config.collection)
@@ -362,7 +368,7 @@ def input_as_recorded(config: RunConfig, has_current: bool
   process lists them and holds the current rows while it decides, where a
   larger run's graph does both on its workers (and a Dataflow launcher
   would read every current row itself)."""
-  if config.overwrite or config.full_scan or not has_current:
+  if not skips_unchanged(config, has_current):
     return None
   ledger_file = newest_ledger(config.bucket, config.collection)
   if ledger_file is None:   # every run writes one: no run to compare with

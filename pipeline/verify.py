@@ -30,10 +30,10 @@ from pipeline.console import (Console, duration, eta, live_progress,
 from pipeline.cli import OneLineParser, OptionsError, env_bucket, rows_table
 from transforms import report_html
 from transforms.access import AccessError, check_cloud_access
+from transforms.files import file_digest
 from transforms.keys import UnsafeKeyComponent, check_collection, join_uri
 from transforms.local_sql import LocalRows, QueryError
 from transforms.report import write_report
-from transforms.files import file_digest
 from transforms.sinks import write_text_file
 from transforms.verify import (DEFAULT_WORKERS, KINDS, Findings,
                                check_stored_inputs, list_objects, rows_sql,
