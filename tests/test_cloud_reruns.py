@@ -3,7 +3,9 @@ changed study is rewritten and its rows superseded, and a run killed at any
 point then re-run ends where one clean run ends."""
 from __future__ import annotations
 
+import datetime
 import io
+import json
 import os
 import shutil
 import tarfile
@@ -18,6 +20,8 @@ from conftest import IN_PROCESS, PROJECT
 from pipeline.run import run
 from reruns import add_image_to_study, assert_same_state, current_rows_key
 from test_cloud import query
+from test_incremental import (_add_file, _bigger, _modify_file, _move_study,
+                              _remove_file)
 from transforms.gcs import storage_client
 
 REPO = Path(__file__).parents[1]
@@ -180,3 +184,100 @@ def test_the_lease_on_cloud_storage(emulators, sample):
   second.release()
   assert storage_client().bucket("leased").get_blob(
       "Runs/IRB41449/lease.json") is None
+
+
+@pytest.mark.parametrize("change", [_add_file, _modify_file, _remove_file,
+                                    _move_study])
+def test_a_change_is_read_as_a_full_scan_reads_it(emulators, sample, tmp_path,
+                                                  change):
+  """Rows in BigQuery, objects and ledger on Cloud Storage: a file added,
+  modified or removed, or a study moved to a new entity folder, makes only
+  its entities read, and the result is a --full_scan's. It is a clean run's
+  of the changed input too, but for the move: nothing is ever deleted, so
+  the moved study's old object and its rows stay under the old entity."""
+  src, made = sample
+  root = tmp_path / "input"
+  shutil.copytree(src, root)
+  name = "chg" + change.__name__.strip("_").split("_")[0]
+  for bucket in (name, name + "full"):
+    emulators["create_bucket"](bucket)
+    run(_argv(root, bucket))
+  change(root, made)
+  again = run(_argv(root, name))
+  assert 0 < again["summary"]["files_not_read"] < 44
+  full = run([*_argv(root, name + "full"), "--full_scan"])
+  assert full["summary"]["files_not_read"] == 0
+  assert_same_state(_state(name), _state(name + "full"))
+  if change is not _move_study:
+    emulators["create_bucket"](name + "clean")
+    run(_argv(root, name + "clean"))
+    assert_same_state(_state(name), _state(name + "clean"))
+
+
+MULTI_PROCESS = ["--direct_num_workers=2",
+                 "--direct_running_mode=multi_processing"]
+
+
+def _cli(root: Path, name: str, *extra: str, env=None):
+  return subprocess.Popen(
+      [sys.executable, "-m", "pipeline", *_argv(root, name), *extra],
+      cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+      env={**os.environ, **(env or {})})
+
+
+def _lease_blob(name: str):
+  return storage_client().bucket(name).get_blob("Runs/IRB41449/lease.json")
+
+
+def test_runs_started_together_one_stores_the_other_exits_3_or_waits(
+    emulators, sample, tmp_path):
+  """Two runs started together on one Cloud Storage collection: one stores,
+  the other exits 3; a run with --on_busy=wait waits for the lease, then
+  finds everything stored."""
+  from transforms.lease import Lease
+  root = _bigger(sample[0], tmp_path / "input")
+  emulators["create_bucket"]("together")
+  runs = [_cli(root, "together", *MULTI_PROCESS) for _ in range(2)]
+  results = [(r.wait(timeout=300), r.communicate()) for r in runs]
+  assert sorted(code for code, _ in results) == [0, 3], [
+      err[-1500:] for _, (_, err) in results]
+  busy = next(err for code, (_, err) in results if code == 3)
+  assert busy.strip().splitlines()[-1].startswith(
+      "error: collection busy: run ")
+  assert _lease_blob("together") is None
+  held = Lease("gs://together", "IRB41449", "another-run", seconds=60)
+  held.acquire()
+  report = tmp_path / "waited.json"
+  waiting = _cli(root, "together", "--on_busy=wait", f"--report={report}")
+  time.sleep(3)
+  assert waiting.poll() is None   # still waiting
+  held.release()
+  _, err = waiting.communicate(timeout=300)
+  assert waiting.returncode == 0, err[-1500:]
+  s = json.loads(report.read_text())["summary"]
+  assert s["objects"] == 0 and s["input_bytes_read"] == 0
+  assert s["studies_skipped"] == s["studies"] > 0
+
+
+def test_a_killed_runs_lease_expires_and_the_next_run_proceeds_on_gcs(
+    emulators, sample, clean, tmp_path):
+  root, _ = sample
+  emulators["create_bucket"]("killed")
+  killed = _cli(root, "killed", "--lease_seconds=8",
+                env={"DICOM_STORAGE_CRASH_AT": "object_written:2",
+                     "TMPDIR": str(tmp_path)})
+  killed.communicate(timeout=300)
+  assert killed.returncode == -9
+  left = json.loads(_lease_blob("killed").download_as_text())  # left behind
+  busy = _cli(root, "killed")
+  busy.communicate(timeout=120)
+  assert busy.returncode == 3   # not expired yet
+  expires = datetime.datetime.fromisoformat(left["expires"].replace(
+      "Z", "+00:00"))
+  time.sleep(max(0.0, (expires - datetime.datetime.now(
+      datetime.timezone.utc)).total_seconds()) + 0.5)
+  after = _cli(root, "killed")
+  _, err = after.communicate(timeout=300)
+  assert after.returncode == 0, err[-1500:]
+  assert _lease_blob("killed") is None
+  assert_same_state(_state("killed"), clean)
