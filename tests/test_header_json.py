@@ -329,4 +329,4 @@ def test_the_conversion_cache_stays_bounded_and_exact(monkeypatch):
     assert fast == reference
     cache = header_json_module._converted_cache
     assert 0 < len(cache) <= 50
-    assert all(key[3] is None or len(key[3]) <= 256 for key in cache)
+    assert all(key[2] is None or len(key[2]) <= 256 for key in cache)

@@ -10,6 +10,7 @@ import pytest
 from pydicom.data import get_testdata_file, get_testdata_files
 from pydicom.dataelem import RawDataElement
 
+import transforms.header_json as header_json_module
 from transforms.header_json import export_by_pydicom, export_header
 from transforms.part10 import part10_header, read_part10_header
 
@@ -60,10 +61,14 @@ def test_same_as_pydicom_on_every_file_pydicom_ships():
         assert header.dataset[tag].value == theirs.value, (path, tag)
     assert header.dataset.original_encoding == ds.original_encoding, path
     assert header.dataset._character_set == ds._character_set, path  # pylint: disable=protected-access
-    # The exported header, which is what the pipeline keeps of it.
+    # The exported header, which is what the pipeline keeps of it: from the
+    # raw elements (twice: the second from the caches), and from the dataset.
     exported = export_header(header.dataset)
     assert exported == export_header(_pydicom_read(path)[0]), path
     assert exported == export_by_pydicom(_pydicom_read(path)[0]), path
+    for _ in range(2):
+      with open(path, "rb") as f:
+        assert read_part10_header(f, BLOCK).export() == exported, path
   # Most files are read here (the rest: no preamble, big endian, deflated,
   # implicit VR data under an explicit VR syntax, broken on purpose ...),
   # sequences of undefined length among them.
@@ -183,3 +188,57 @@ def test_damaged_headers_read_as_pydicom_reads_them_or_go_to_pydicom(name):
     assert export_header(header.dataset).text == expected
     read_here += 1
   assert read_here > 30
+
+
+def _part10_bytes(ds: pydicom.Dataset) -> bytes:
+  ds.file_meta = pydicom.dataset.FileMetaDataset()
+  ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+  ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+  ds.file_meta.MediaStorageSOPInstanceUID = "1.2.3.4"
+  out = io.BytesIO()
+  ds.save_as(out, enforce_file_format=True)
+  return out.getvalue()
+
+
+def test_a_sequence_is_converted_once_per_value_and_context(monkeypatch):
+  """The same raw sequence under another character set is another value:
+  byte 0xA3 in a name is a pound sign in Latin-1, an L with stroke in
+  Latin-2. Each file's export equals pydicom's, read after the other."""
+  monkeypatch.setattr(header_json_module, "_sequence_cache", {})
+  item = pydicom.Dataset()
+  item.add_new(0x00100010, "PN", b"Sm\xa3th^Jo")   # PatientName, raw bytes
+  ds = pydicom.Dataset()
+  ds.SpecificCharacterSet = "ISO_IR 100"
+  ds.StudyInstanceUID = "1.2.3"
+  ds.OtherPatientIDsSequence = pydicom.Sequence([item])
+  latin1 = _part10_bytes(ds)
+  latin2 = latin1.replace(b"ISO_IR 100", b"ISO_IR 101")
+  assert latin2 != latin1
+  exports = []
+  for data in (latin1, latin2, latin1):
+    header = part10_header(data, whole_file=True)
+    assert header is not None   # a defined-length sequence, read here
+    exported = header.export()
+    assert exported == export_header(pydicom.dcmread(io.BytesIO(data)))
+    exports.append(exported.header["OtherPatientIDsSequence"][0]
+                   ["PatientName"])
+  assert exports == ["Sm\u00a3th^Jo", "Sm\u0141th^Jo", "Sm\u00a3th^Jo"]
+  assert len(header_json_module._sequence_cache) == 2
+
+
+def test_the_sequence_cache_stays_bounded_and_exact(monkeypatch):
+  monkeypatch.setattr(header_json_module, "_sequence_cache", {})
+  monkeypatch.setattr(header_json_module, "_SEQUENCE_ENTRIES", 3)
+  compared = 0
+  for _ in range(2):
+    for path in get_testdata_files():
+      if not os.path.isfile(path):
+        continue
+      with open(path, "rb") as f:
+        header = read_part10_header(f, BLOCK)
+      if header is None:
+        continue
+      assert header.export() == export_header(header.dataset), path
+      assert len(header_json_module._sequence_cache) <= 3
+      compared += 1
+  assert compared > 260

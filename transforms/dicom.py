@@ -5,7 +5,7 @@ steps use.
 
 import json
 import re
-from typing import Any, Dict, Iterable, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, Optional, Tuple
 
 import apache_beam as beam
 import pydicom
@@ -55,8 +55,9 @@ def first_value(header: Dict[str, Any], key: str) -> Optional[Any]:
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
 
-def _parse(fileobj) -> Tuple[Dataset, Optional[str], bool]:
-  """(dataset, transfer syntax UID, has Part 10 preamble). Raises
+def _parse(fileobj) -> Tuple[Callable[[], HeaderExport], Optional[str], bool]:
+  """(a function that exports the header, its transfer syntax UID, whether
+  the file is Part 10) of the file fileobj is at the start of. Raises
   ValueError with a reason.
 
   Most files are read from their first HEADER_READ_BUFFER bytes by
@@ -67,7 +68,7 @@ def _parse(fileobj) -> Tuple[Dataset, Optional[str], bool]:
   """
   header = read_part10_header(fileobj, HEADER_READ_BUFFER)
   if header is not None:
-    return header.dataset, header.transfer_syntax_uid, True
+    return header.export, header.transfer_syntax_uid, True
   try:
     return _with_syntax(pydicom.dcmread(fileobj, stop_before_pixels=True),
                         True)
@@ -85,10 +86,10 @@ def _parse(fileobj) -> Tuple[Dataset, Optional[str], bool]:
 
 
 def _with_syntax(ds: Dataset, part10: bool
-                 ) -> Tuple[Dataset, Optional[str], bool]:
+                 ) -> Tuple[Callable[[], HeaderExport], Optional[str], bool]:
   meta = getattr(ds, "file_meta", None)
   syntax = meta.get("TransferSyntaxUID") if meta is not None else None
-  return ds, str(syntax) if syntax else None, part10
+  return lambda: export_header(ds), str(syntax) if syntax else None, part10
 
 
 def check_keyword(keyword: str) -> str:
@@ -143,9 +144,9 @@ def read_image_record(source: SourceFile, fileobj,
   """Parses one file's header. Raises ValueError with a reason on bad input."""
   if source.size_bytes == 0:
     raise ValueError("empty file (0 bytes)")
-  ds, syntax, part10 = _parse(fileobj)
+  export, syntax, part10 = _parse(fileobj)
   try:
-    exported = export_header(ds)
+    exported = export()
   except Exception as e:  # pylint: disable=broad-except
     raise ValueError(f"DICOM header cannot be read: "
                      f"{type(e).__name__}: {e}") from e

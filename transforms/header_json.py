@@ -37,7 +37,8 @@ import json
 import math
 import re
 import struct
-from typing import Any, Dict, List, NamedTuple, Optional, Tuple
+from typing import (Any, Callable, Dict, Hashable, Iterable, List,
+                    NamedTuple, Optional, Set, Tuple)
 
 from pydicom.datadict import (DicomDictionary, dictionary_VR, keyword_for_tag,
                               mask_match)
@@ -108,34 +109,101 @@ def json_path(parent: str, key: str) -> str:
 
 
 _OMIT = object()   # bulk data: the element is left out
+_NOT_RAW = object()   # an element to convert by pydicom, not from raw bytes
 
 
 def _export(ds: Dataset, fast: bool, at: str) -> HeaderExport:
   """Element by element, nested sequences included; fast=False: every
   element through pydicom."""
-  out: Header = {}
-  parts: List[str] = []
-  invalid: List[str] = []
   items = ds._dict  # pylint: disable=protected-access
   # In tag order, as plain ints, since pydicom's tags compare in Python code.
-  for tag, elem in sorted(zip(map(int, items), items.values())):
+  ordered = sorted(zip(map(int, items), items.values()))
+  if not fast:
+    return _export_converted(((tag, None, _NOT_RAW, 0, 0)
+                              for tag, _ in ordered), lambda _: ds, False, at)
+  return _export_converted(
+      ((tag, elem.VR, elem.value, 0, 0) if type(elem) is RawDataElement  # pylint: disable=unidiomatic-typecheck
+       and elem.is_little_endian else (tag, None, _NOT_RAW, 0, 0)
+       for tag, elem in ordered), lambda _: ds, True, at)
+
+
+# A raw element as transforms/part10.py walks it: (tag, VR or None when
+# implicit, value as read, length, where its value starts).
+RawElement = Tuple[int, Optional[str], Optional[bytes], int, int]
+
+
+def export_elements(elements: Iterable[RawElement],
+                    dataset: Callable[[Set[int]], Dataset],
+                    context: Hashable) -> HeaderExport:
+  """export_header of a little-endian dataset given as its raw elements, in
+  ascending tag order.
+
+  dataset(tags) is called, once, only if some elements need pydicom to
+  convert them: it returns a dataset holding at least those tags and what
+  pydicom consults to convert them (part10.Part10Header.dataset_for).
+  context: the values of those other elements, and the encoding; a sequence
+  with explicit VR is converted once per distinct raw value and context.
+  """
+  return _export_converted(elements, dataset, True, "$", context)
+
+
+# A sequence's raw value repeats across a series' headers as its other
+# elements do (a patient's other IDs, a procedure code), and pydicom's
+# conversion of one is ~60 us: up to this many distinct ones are kept, as
+# (value, text, invalid paths), emptied when full.
+_SEQUENCE_ENTRIES = 256
+_CACHED_SEQUENCE_BYTES = 4096
+_sequence_cache: Dict[tuple, Tuple[Any, str, Tuple[str, ...]]] = {}
+
+
+def _export_converted(elements, dataset, fast: bool, at: str,
+                      context: Hashable = None) -> HeaderExport:
+  converted: List[Any] = []   # (key, value, text), or a tag for pydicom
+  to_pydicom: List[int] = []
+  sequence_keys: Dict[int, tuple] = {}
+  cached = _converted_cache.get
+  for tag, vr, value, _, _ in elements:
     if tag == PIXEL_DATA:
       continue
-    if fast and type(elem) is RawDataElement:  # pylint: disable=unidiomatic-typecheck
-      key, value, part = _from_raw_cached(tag, elem)
-      if value is _OMIT:
+    if value is not _NOT_RAW:
+      # _from_raw_cached, its lookup inlined: ~250 elements per CT slice
+      key, converted_value, part = (cached((tag, vr, value))
+                                    or _from_raw_cached(tag, vr, value))
+      if converted_value is _OMIT:
         continue
       if part is not None:
-        out[key] = value
-        parts.append(part)
+        converted.append((key, converted_value, part))
         continue
+      if (vr == "SQ" and context is not None and value is not None
+          and len(value) <= _CACHED_SEQUENCE_BYTES):
+        sequence_keys[len(converted)] = (tag, value, context)
+    to_pydicom.append(len(converted))
+    converted.append(tag)
+  invalid: List[str] = []
+  tags = [converted[i] for i in to_pydicom]
+  ds = None
+  for i in to_pydicom:   # in tag order, as pydicom would convert them
+    tag = converted[i]
     key = element_key(tag)
-    value, text, bad = _by_pydicom(ds, tag, fast, json_path(at, key))
-    if value is _OMIT:
-      continue
-    out[key] = value
-    parts.append(f'"{key}":{text}')
+    sequence_key = sequence_keys.get(i)
+    by_pydicom = _sequence_cache.get(sequence_key) if sequence_key else None
+    if by_pydicom is None:
+      if ds is None:
+        ds = dataset(set(tags))
+      by_pydicom = _by_pydicom(ds, tag, fast, json_path(at, key))
+      if sequence_key:
+        if len(_sequence_cache) >= _SEQUENCE_ENTRIES:
+          _sequence_cache.clear()
+        _sequence_cache[sequence_key] = by_pydicom
+    value, text, bad = by_pydicom
+    converted[i] = None if value is _OMIT else (key, value, f'"{key}":{text}')
     invalid.extend(bad)
+  out: Header = {}
+  parts: List[str] = []
+  for element in converted:
+    if element is not None:
+      out[element[0]] = element[1]
+      parts.append(element[2])
   return HeaderExport(out, "{" + ",".join(parts) + "}", tuple(invalid))
 
 
@@ -181,12 +249,13 @@ def _dictionary_vr(tag: int) -> Optional[str]:
   return vr
 
 
-def _from_raw(raw: RawDataElement) -> Any:
-  """The element's value by the rules, _OMIT for bulk data, or _NOT_FAST."""
-  value = raw.value
-  if value is None or not raw.is_little_endian or raw.tag in _LUT_DESCRIPTORS:
+def _from_raw(tag: int, vr: Optional[str], value: Optional[bytes]) -> Any:
+  """A little-endian raw element's value by the rules, _OMIT for bulk data,
+  or _NOT_FAST."""
+  if value is None or tag in _LUT_DESCRIPTORS:
     return _NOT_FAST
-  vr = raw.VR if raw.VR is not None else _dictionary_vr(raw.tag)
+  if vr is None:
+    vr = _dictionary_vr(tag)
   if vr is None or vr == "UN" or vr == "SQ":
     return _NOT_FAST
   if not value:
@@ -268,19 +337,18 @@ _NEVER_REPEATED = frozenset({0x00020003, 0x00080018})
 _converted_cache: Dict[tuple, Tuple[str, Any, Optional[str]]] = {}
 
 
-def _from_raw_cached(tag: int, raw: RawDataElement
+def _from_raw_cached(tag: int, vr: Optional[str], value: Optional[bytes]
                      ) -> Tuple[str, Any, Optional[str]]:
-  """(key, _from_raw(raw), its '"key":value' text or None when the
+  """(key, _from_raw(...), its '"key":value' text or None when the
   element goes through pydicom or is left out), from the cache when seen."""
-  value = raw.value
   cacheable = ((value is None or len(value) <= _CACHED_VALUE_BYTES)
                and tag not in _NEVER_REPEATED)
   if cacheable:
-    cache_key = (tag, raw.VR, raw.is_little_endian, value)
+    cache_key = (tag, vr, value)
     hit = _converted_cache.get(cache_key)
     if hit is not None:
       return hit
-  converted = _from_raw(raw)
+  converted = _from_raw(tag, vr, value)
   key = element_key(tag)
   result = (key, converted,
             None if converted is _NOT_FAST or converted is _OMIT
