@@ -230,14 +230,16 @@ def build(p: beam.Pipeline, config: RunConfig, run_id: str,
   path_checked = to_read | "FlagPhiByPath" >> FlagPhiByPath(
       config.phi_rules)
   remote = any(r.startswith("gs://") for r in config.input_roots)
-  read = path_checked.kept | "ReadHeaders" >> ReadHeaders(remote,
-                                                         config.item_id)
+  # A local run sets the records aside on its own disk: no need to deflate.
+  spills = bool(spill_dir)
+  read = path_checked.kept | "ReadHeaders" >> ReadHeaders(
+      remote, config.item_id, deflate_header=not spills)
   header_checked = read.images | "FlagPhiByHeader" >> FlagPhiByHeader(
       config.phi_rules, config.deid_recipe_text)
   # Flagged files' own headers, so that no other copy of them is stored.
   flagged_images = (
       (path_checked.flagged | "ReadFlaggedHeaders" >> ReadHeaders(
-          remote, config.item_id)).images,
+          remote, config.item_id, deflate_header=not spills)).images,
       header_checked.flagged) | "AllFlagged" >> beam.Flatten()
   # A local run's images wait in local files (transforms/spill.py).
   grouped = {"images": header_checked.kept, "flagged": flagged_images,

@@ -1,4 +1,6 @@
 
+import json
+
 import pydicom
 from apache_beam.testing.util import assert_that, equal_to
 from apache_beam import Create, Map
@@ -6,7 +8,7 @@ from pydicom.data import get_testdata_file
 
 from conftest import local_pipeline
 from transforms.dicom import ReadHeaders, read_image_record
-from transforms.records import REJECTED, SourceFile
+from transforms.records import REJECTED, SourceFile, pack_text, unpack_text
 
 
 def _source(path):
@@ -23,6 +25,26 @@ def test_read_image_record_reads_uids_and_transfer_syntax():
   assert record.sop_instance_uid == ds.SOPInstanceUID
   assert record.study_instance_uid == ds.StudyInstanceUID
   assert record.transfer_syntax_uid == "1.2.840.10008.1.2.1"
+
+
+def test_a_header_is_deflated_only_where_it_is_shuffled():
+  """Dataflow carries the header's text deflated; a local run sets it aside
+  plain. Either reads back as the same text."""
+  path = get_testdata_file("CT_small.dcm")
+  records = []
+  for deflate_header in (True, False):
+    with open(path, "rb") as f:
+      records.append(read_image_record(_source(path), f,
+                                       deflate_header=deflate_header))
+  deflated, plain = (r.header for r in records)
+  assert plain.header_packed == plain.metadata_text.encode("utf-8")
+  assert len(deflated.header_packed) < len(plain.header_packed)
+  assert deflated.metadata_text == plain.metadata_text
+  assert json.loads(plain.metadata_text)["StudyInstanceUID"] == (
+      records[0].study_instance_uid)
+  for deflated in (True, False):
+    text = '{"PatientName":"M\u00fcller^J\u00fcrgen"}'
+    assert unpack_text(pack_text(text, deflated)) == text
 
 
 def test_read_headers_routes_bad_files(tmp_path):

@@ -108,7 +108,8 @@ def _text(value: Any) -> Optional[str]:
 def image_record(source: SourceFile, exported: HeaderExport,
                  transfer_syntax_uid: Optional[str] = None,
                  item_keyword: str = "AccessionNumber",
-                 uids_must_look_valid: bool = False) -> ImageRecord:
+                 uids_must_look_valid: bool = False,
+                 deflate_header: bool = True) -> ImageRecord:
   """An ImageRecord from a header exported by keyword. Raises ValueError
   when a UID the pipeline needs is missing."""
   header = exported.header
@@ -131,7 +132,7 @@ def image_record(source: SourceFile, exported: HeaderExport,
       sop_instance_uid=uids["SOPInstanceUID"],
       header=HeaderPart(
           columns_json=json.dumps(columns, separators=(",", ":")),
-          header_packed=pack_text(exported.text)),
+          header_packed=pack_text(exported.text, deflate_header)),
       study_date=columns.get("StudyDate"),
       transfer_syntax_uid=transfer_syntax_uid,
       item_value=_text(first_value(header, item_keyword)),
@@ -140,7 +141,8 @@ def image_record(source: SourceFile, exported: HeaderExport,
 
 
 def read_image_record(source: SourceFile, fileobj,
-                      item_keyword: str = "AccessionNumber") -> ImageRecord:
+                      item_keyword: str = "AccessionNumber",
+                      deflate_header: bool = True) -> ImageRecord:
   """Parses one file's header. Raises ValueError with a reason on bad input."""
   if source.size_bytes == 0:
     raise ValueError("empty file (0 bytes)")
@@ -151,14 +153,17 @@ def read_image_record(source: SourceFile, fileobj,
     raise ValueError(f"DICOM header cannot be read: "
                      f"{type(e).__name__}: {e}") from e
   return image_record(source, exported, syntax, item_keyword,
-                      uids_must_look_valid=not part10)
+                      uids_must_look_valid=not part10,
+                      deflate_header=deflate_header)
 
 
 class _ReadHeader(beam.DoFn):
   def __init__(self, remote: bool = False,
-               item_keyword: str = "AccessionNumber"):
+               item_keyword: str = "AccessionNumber",
+               deflate_header: bool = True):
     self.remote = remote
     self.item_keyword = item_keyword
+    self.deflate_header = deflate_header
     self.gcsio = None
     self.read = Count("headers_read")
     self.rejected = Count("files_rejected")
@@ -176,7 +181,8 @@ class _ReadHeader(beam.DoFn):
     try:
       with open_source(source.path, self.gcsio) as f:
         try:
-          record = read_image_record(source, f, self.item_keyword)
+          record = read_image_record(source, f, self.item_keyword,
+                                     self.deflate_header)
         finally:
           self.bytes_read.inc(f.tell())
     except Exception as e:  # pylint: disable=broad-except
@@ -195,14 +201,19 @@ class ReadHeaders(beam.PTransform):
 
   remote: some input is on gs://, read headers there in small ranges.
   item_keyword: the keyword whose value names a study's object.
+  deflate_header: False where the records are set aside locally, not
+  shuffled (a local run: transforms/spill.py).
   """
 
-  def __init__(self, remote: bool = False, item_keyword: str = "AccessionNumber"):
+  def __init__(self, remote: bool = False, item_keyword: str = "AccessionNumber",
+               deflate_header: bool = True):
     super().__init__()
     self.remote = remote
     self.item_keyword = check_keyword(item_keyword)
+    self.deflate_header = deflate_header
 
   def expand(self, files):
     return files | "ReadHeader" >> beam.ParDo(
-        _ReadHeader(self.remote, self.item_keyword)).with_outputs(
+        _ReadHeader(self.remote, self.item_keyword,
+                    self.deflate_header)).with_outputs(
             EXCLUDED_TAG, main="images")
