@@ -132,16 +132,26 @@ def test_threads_and_streamed_large_files_give_the_same_bytes(tmp_path,
   contents = [bytes(rng.getrandbits(8) for _ in range(rng.randrange(4000)))
               + b"\0" * rng.randrange(60000) for _ in range(40)]
   study = _study(tmp_path, contents)
-  one = io.BytesIO()
+  as_made = io.BytesIO()   # these files are all compressed by the caller
+  write_study_archive(study, as_made, 2, opener=open_binary)
+  one = io.BytesIO()       # all by one pool thread
+  monkeypatch.setattr(archive, "INLINE_MEMBER_BYTES", 0)
   write_study_archive(study, one, 2, opener=open_binary, threads=1)
-  # Several threads, a small in-flight budget, and files over 20 kB streamed
-  # by the writing thread: in whatever order members finish, same object.
-  monkeypatch.setattr(archive, "PARALLEL_MEMBER_BYTES", 20000)
+  # Files under 20 kB compressed by the writing thread, then several
+  # threads, a small in-flight budget, and files over 40 kB streamed by the
+  # writing thread: in whatever order members finish, same object.
+  monkeypatch.setattr(archive, "INLINE_MEMBER_BYTES", 20000)
+  monkeypatch.setattr(archive, "PARALLEL_MEMBER_BYTES", 40000)
   monkeypatch.setattr(archive, "IN_FLIGHT_BYTES", 50000)
   many = io.BytesIO()
   members, _ = write_study_archive(study, many, 2, opener=open_binary,
                                    threads=4)
-  assert many.getvalue() == one.getvalue()
+  assert many.getvalue() == one.getvalue() == as_made.getvalue()
+  # Every path taken, and a file for the caller right after one in a
+  # thread: it waits for that one.
+  paths = "".join("S" if len(c) < 20000 else "T" if len(c) <= 40000 else "L"
+                  for c in contents)
+  assert "TS" in paths and "L" in paths
   assert [m.sop_instance_uid for m in members] == [
       i.sop_instance_uid for i in study.images]
   with tarfile.open(fileobj=io.BytesIO(many.getvalue()), mode="r:gz") as t:

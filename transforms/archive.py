@@ -29,7 +29,8 @@ from transforms.progress import Count
 from transforms.archive_format import (CHUNK_BYTES, DEFAULT_COMPRESSION_LEVEL,
                                        MANIFEST_NAME, RetrievalError,
                                        StudyArchiveWriter, HashingSink,
-                                       compress_entry, manifest_bytes)
+                                       TINY_MEMBER_BYTES, compress_entry,
+                                       manifest_bytes)
 from transforms.retrieve import read_manifest
 from transforms.records import (COMPLETE_ROWS, FAILED, SKIP, WRITE,
                                 Excluded, MemberLocation, ObjectLocation,
@@ -48,6 +49,10 @@ SKIPPED_TAG = "skipped"
 COMPRESSION_THREADS = min(4, os.cpu_count() or 1)
 PARALLEL_MEMBER_BYTES = 32 << 20
 IN_FLIGHT_BYTES = 16 << 20
+# Files under this size (a CT or MR slice: reading, hashing and compressing
+# it take ~0.15 ms) are compressed by this thread: handing one to a pool
+# thread and taking its result back cost as much, in Python, as the work.
+INLINE_MEMBER_BYTES = TINY_MEMBER_BYTES
 
 
 _pools: Dict[Tuple[int, int], concurrent.futures.ThreadPoolExecutor] = {}
@@ -110,6 +115,13 @@ def write_study_archive(study: Study, out: BinaryIO,
           append_oldest()
         with opener(image.source.path) as source:
           append(image, name, *writer.add_stream(name, source, size))
+        continue
+      if size < INLINE_MEMBER_BYTES:
+        while pending:
+          append_oldest()
+        pieces, sha256 = compress_entry(name, opener, image.source.path,
+                                        size, level)
+        append(image, name, *writer.add_compressed(pieces), sha256)
         continue
       while pending and (len(pending) > 2 * threads
                          or in_flight + size > IN_FLIGHT_BYTES):
