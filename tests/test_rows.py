@@ -1,5 +1,9 @@
 import json
 
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from apache_beam import Create
 from apache_beam.testing.util import assert_that, equal_to
 
@@ -101,3 +105,81 @@ def build_row_for_size_test():
   image = stored.study.images[0]
   return build_row("C", stored, image, image.header, stored.members[0],
                    "run1", "0.1.0")
+
+
+def _row_errors_by_reading_the_schema(row, fields=None, prefix=""):
+  """row_errors as first written: each field's dict read for every row.
+  The reference the faster check is held to."""
+  from transforms.schema import (MAX_ROW_BYTES, _scalar_error,
+                                 row_size_bytes)
+  errors = []
+  if fields is None:
+    fields = TABLE_SCHEMA["fields"]
+    size = row_size_bytes(row)
+    if size > MAX_ROW_BYTES:
+      errors.append(f"row is {size} bytes (at most {MAX_ROW_BYTES})")
+  known = {f["name"] for f in fields}
+  errors += [f"{prefix}{k}: not in the schema" for k in row if k not in known]
+  for f in fields:
+    name, mode = prefix + f["name"], f.get("mode", "NULLABLE")
+    value = row.get(f["name"])
+    if value is None:
+      if mode == "REQUIRED":
+        errors.append(f"{name}: required but missing")
+      continue
+    values = value if mode == "REPEATED" else [value]
+    if mode == "REPEATED" and not isinstance(value, list):
+      errors.append(f"{name}: repeated field is not a list")
+      continue
+    for v in values:
+      if f["type"] == "RECORD":
+        if not isinstance(v, dict):
+          errors.append(f"{name}: is not a record")
+        else:
+          errors += _row_errors_by_reading_the_schema(v, f["fields"],
+                                                      name + ".")
+      else:
+        problem = _scalar_error(f["type"], v)
+        if problem:
+          errors.append(f"{name}: {v!r:.80} {problem}")
+  return errors
+
+
+class _Text(str):
+  pass
+
+
+_ANY_VALUE = st.one_of(
+    st.none(), st.text(max_size=12), st.builds(_Text, st.text(max_size=5)),
+    st.integers(), st.integers(min_value=1 << 63, max_value=1 << 70),
+    st.booleans(), st.floats(), st.sampled_from(["2020-01-31", "2020-02-30",
+                                                 "2020-01-01T00:00:00Z"]),
+    st.lists(st.one_of(st.text(max_size=3), st.floats(), st.integers()),
+             max_size=3),
+    st.dictionaries(st.sampled_from(["bucket", "object_name", "extra"]),
+                    st.one_of(st.text(max_size=3), st.integers()),
+                    max_size=3))
+
+
+@settings(max_examples=300, deadline=None)
+@given(changes=st.dictionaries(
+    st.sampled_from([f["name"] for f in TABLE_SCHEMA["fields"]] + ["nope"]),
+    _ANY_VALUE, max_size=6),
+       storage_changes=st.dictionaries(st.sampled_from(
+           [f["name"] for f in next(f for f in TABLE_SCHEMA["fields"]
+                                     if f["name"] == "storage")["fields"]]
+           + ["nope"]), _ANY_VALUE, max_size=3))
+def test_the_schema_check_finds_what_reading_the_schema_finds(
+    changes, storage_changes):
+  row = build_row_for_size_test()
+  assert row_errors(row) == [] == _row_errors_by_reading_the_schema(row)
+  row.update(changes)
+  if isinstance(row.get("storage"), dict):
+    row["storage"] = {**row["storage"], **storage_changes}
+  try:
+    expected = _row_errors_by_reading_the_schema(row)
+  except OverflowError:   # a FLOAT of an int too large for a float
+    with pytest.raises(OverflowError):
+      row_errors(row)
+    return
+  assert row_errors(row) == expected

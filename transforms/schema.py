@@ -191,27 +191,60 @@ def row_errors(row: Dict[str, Any], fields=None, prefix: str = "") -> List[str]:
     size = row_size_bytes(row)
     if size > MAX_ROW_BYTES:
       errors.append(f"row is {size} bytes (at most {MAX_ROW_BYTES})")
-  known = {f["name"] for f in fields}
+  known, compiled = _compiled(fields)
   errors += [f"{prefix}{k}: not in the schema" for k in row if k not in known]
-  for f in fields:
-    name, mode = prefix + f["name"], f.get("mode", "NULLABLE")
-    value = row.get(f["name"])
+  for key, mode, type_, subfields in compiled:
+    value = row.get(key)
     if value is None:
       if mode == "REQUIRED":
-        errors.append(f"{name}: required but missing")
+        errors.append(f"{prefix}{key}: required but missing")
       continue
-    values = value if mode == "REPEATED" else [value]
-    if mode == "REPEATED" and not isinstance(value, list):
-      errors.append(f"{name}: repeated field is not a list")
+    if mode == "REPEATED":
+      if not isinstance(value, list):
+        errors.append(f"{prefix}{key}: repeated field is not a list")
+        continue
+      values = value
+    elif _fits_at_a_glance(type_, value):   # most of a row's ~50 values
       continue
+    else:
+      values = (value,)
     for v in values:
-      if f["type"] == "RECORD":
+      if type_ == "RECORD":
         if not isinstance(v, dict):
-          errors.append(f"{name}: is not a record")
+          errors.append(f"{prefix}{key}: is not a record")
         else:
-          errors += row_errors(v, f["fields"], name + ".")
+          errors += row_errors(v, subfields, f"{prefix}{key}.")
       else:
-        problem = _scalar_error(f["type"], v)
+        problem = _scalar_error(type_, v)
         if problem:
-          errors.append(f"{name}: {v!r:.80} {problem}")
+          errors.append(f"{prefix}{key}: {v!r:.80} {problem}")
   return errors
+
+
+def _fits_at_a_glance(type_: str, value: Any) -> bool:
+  """True when _scalar_error would find nothing, by its value's exact type;
+  False when it must look (a subclass, a string to parse, a record)."""
+  kind = value.__class__
+  if type_ == "STRING" or type_ == "JSON":
+    return kind is str
+  if type_ == "INTEGER":
+    return kind is int and _INT64[0] <= value <= _INT64[1]
+  if type_ == "FLOAT":
+    return kind is float and math.isfinite(value)
+  return False
+
+
+# The schema's fields as tuples, made once per list of fields: a row is
+# checked against ~50 of them, and reading each field's dict cost more
+# than the checks. Keyed by the list's id, with the list kept alive beside.
+_compiled_fields: Dict[int, tuple] = {}
+
+
+def _compiled(fields) -> Tuple[frozenset, Tuple[tuple, ...]]:
+  entry = _compiled_fields.get(id(fields))
+  if entry is None or entry[0] is not fields:
+    entry = _compiled_fields[id(fields)] = (
+        fields, frozenset(f["name"] for f in fields),
+        tuple((f["name"], f.get("mode", "NULLABLE"), f["type"], f.get("fields"))
+              for f in fields))
+  return entry[1], entry[2]
