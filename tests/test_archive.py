@@ -7,6 +7,8 @@ import subprocess
 import tarfile
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from invariants import read_member_at
 from transforms.archive import write_study_archive
@@ -175,3 +177,18 @@ def test_a_forked_process_compresses_with_a_pool_of_its_own(tmp_path):
 def _sum_in_pool():
   from transforms.archive import compression_pool
   return compression_pool(2).submit(sum, [1, 2]).result(timeout=10)
+
+
+@settings(max_examples=300, deadline=None)
+@given(name=st.one_of(
+    st.text(st.characters(min_codepoint=32, max_codepoint=126), min_size=1,
+            max_size=120),
+    st.text(min_size=1, max_size=60),                  # any Unicode
+    st.sampled_from(["a" * 99, "a" * 100, "a" * 101, "d/" * 50, "é" * 50])),
+       size=st.one_of(st.integers(0, 10 ** 7),
+                      st.sampled_from([8 ** 11 - 1, 8 ** 11, 8 ** 12 + 5])))
+def test_tar_headers_are_tarfiles_bytes(name, size):
+  """The header made directly is byte for byte tarfile's, whatever the name
+  (long ones and non-ASCII ones go through tarfile and get a pax header)."""
+  from transforms.archive_format import _tarfile_header, tar_header
+  assert tar_header(name, size) == _tarfile_header(name, size)
