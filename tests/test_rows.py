@@ -110,14 +110,11 @@ def build_row_for_size_test():
 def _row_errors_by_reading_the_schema(row, fields=None, prefix=""):
   """row_errors as first written: each field's dict read for every row.
   The reference the faster check is held to."""
-  from transforms.schema import (MAX_ROW_BYTES, _scalar_error,
-                                 row_size_bytes)
+  from transforms.schema import _scalar_error, size_errors
   errors = []
   if fields is None:
     fields = TABLE_SCHEMA["fields"]
-    size = row_size_bytes(row)
-    if size > MAX_ROW_BYTES:
-      errors.append(f"row is {size} bytes (at most {MAX_ROW_BYTES})")
+    errors += size_errors(row)
   known = {f["name"] for f in fields}
   errors += [f"{prefix}{k}: not in the schema" for k in row if k not in known]
   for f in fields:

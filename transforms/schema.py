@@ -176,6 +176,13 @@ def row_size_bytes(row: Dict[str, Any]) -> int:
   return len(json.dumps(row, default=str).encode("utf-8"))
 
 
+def size_errors(row: Dict[str, Any]) -> List[str]:
+  """The row's size, if more than a streaming insert takes."""
+  size = row_size_bytes(row)
+  return ([f"row is {size} bytes (at most {MAX_ROW_BYTES})"]
+          if size > MAX_ROW_BYTES else [])
+
+
 def _small_non_text(row: Dict[str, Any]) -> bool:
   """Everything but the row's top-level strings is at most 64 KiB as JSON
   (records and repeated columns of a few short values, in practice)."""
@@ -188,9 +195,7 @@ def row_errors(row: Dict[str, Any], fields=None, prefix: str = "") -> List[str]:
   errors = []
   if fields is None:
     fields = TABLE_SCHEMA["fields"]
-    size = row_size_bytes(row)
-    if size > MAX_ROW_BYTES:
-      errors.append(f"row is {size} bytes (at most {MAX_ROW_BYTES})")
+    errors += size_errors(row)
   known, compiled = _compiled(fields)
   errors += [f"{prefix}{k}: not in the schema" for k in row if k not in known]
   for key, mode, type_, subfields in compiled:
