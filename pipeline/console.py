@@ -285,8 +285,11 @@ class StorageProgress:
              f"{listed:,}{'' if done_listing else '+'} files, "
              f"{megabytes(c.get('bytes_listed', 0))}",
              f"{c.get('headers_read', 0):,} headers",
-             f"{c.get('images_kept', 0):,} kept, "
-             f"{c.get('files_flagged', 0):,} flagged, "
+             # Images count as kept when their study is grouped, after every
+             # header is read: a 0 until then read as if none were kept.
+             (f"{c.get('images_kept', 0):,} kept, "
+              if c.get("studies_built") else "")
+             + f"{c.get('files_flagged', 0):,} flagged, "
              f"{c.get('files_rejected', 0):,} rejected",
              f"studies {finished:,}/{c.get('studies_built', 0):,} "
              f"{'decided' if self.plan else 'stored'}"]

@@ -93,6 +93,8 @@ def test_the_progress_line_says_how_far_and_how_long():
                       "listings_done": 1, "headers_read": 100}, 3.0)
   assert listing.startswith("0:03 | 900+ files, 90 MB | 100 headers")
   assert "ETA" not in listing   # the total is not known yet
+  # No study grouped yet: no count of kept images (it would read 0).
+  assert listing.split(" | ")[3] == "0 flagged, 0 rejected"
   counts = {"files_listed": 1000, "bytes_listed": 100_000_000,
             "listings_done": 2, "headers_read": 990, "files_flagged": 4,
             "files_rejected": 6, "studies_built": 10, "images_kept": 990,
