@@ -3,6 +3,8 @@ run leaves, and how to compare it with a clean run's."""
 from __future__ import annotations
 
 import copy
+import datetime
+import time
 from pathlib import Path
 from typing import Dict, List, Tuple
 
@@ -40,3 +42,11 @@ def assert_same_state(got: State, clean: State) -> None:
     assert got_objects[key] == clean_objects[key], f"{key} differs"
   assert got_rows == clean_rows
   assert len({r[:3] for r in got_rows}) == len(got_rows), "duplicate current rows"
+
+
+def wait_for_lease_to_expire(lease: dict) -> None:
+  """Sleeps until just past the time a lease record says it expires."""
+  expires = datetime.datetime.fromisoformat(lease["expires"].replace(
+      "Z", "+00:00"))
+  time.sleep(max(0.0, (expires - datetime.datetime.now(
+      datetime.timezone.utc)).total_seconds()) + 0.5)

@@ -3,7 +3,6 @@ changed study is rewritten and its rows superseded, and a run killed at any
 point then re-run ends where one clean run ends."""
 from __future__ import annotations
 
-import datetime
 import io
 import json
 import os
@@ -18,7 +17,8 @@ import pytest
 
 from conftest import IN_PROCESS, PROJECT
 from pipeline.run import run
-from reruns import add_image_to_study, assert_same_state, current_rows_key
+from reruns import (add_image_to_study, assert_same_state, current_rows_key,
+                    wait_for_lease_to_expire)
 from test_cloud import query
 from test_incremental import (_add_file, _bigger, _modify_file, _move_study,
                               _remove_file)
@@ -272,10 +272,7 @@ def test_a_killed_runs_lease_expires_and_the_next_run_proceeds_on_gcs(
   busy = _cli(root, "killed")
   busy.communicate(timeout=120)
   assert busy.returncode == 3   # not expired yet
-  expires = datetime.datetime.fromisoformat(left["expires"].replace(
-      "Z", "+00:00"))
-  time.sleep(max(0.0, (expires - datetime.datetime.now(
-      datetime.timezone.utc)).total_seconds()) + 0.5)
+  wait_for_lease_to_expire(left)
   after = _cli(root, "killed")
   _, err = after.communicate(timeout=300)
   assert after.returncode == 0, err[-1500:]

@@ -2,7 +2,6 @@
 is handled as a full run handles it, and runs that overlap never trip over
 each other (the collection's lease)."""
 import copy
-import datetime
 import json
 import os
 import shutil
@@ -16,7 +15,8 @@ import pytest
 
 from conftest import IN_PROCESS, read_rows, run_pipeline
 from devtools.sample_data import fresh_uid
-from reruns import add_image_to_study, current_rows_key
+from reruns import (add_image_to_study, current_rows_key,
+                    wait_for_lease_to_expire)
 from test_reruns_local import _current_rows
 from transforms.report import read_stored_listing
 
@@ -289,10 +289,7 @@ def test_a_killed_runs_lease_expires_and_the_next_run_proceeds(sample,
   busy = _cli(root, out)
   busy.communicate(timeout=120)
   assert busy.returncode == 3   # not expired yet
-  expires = datetime.datetime.fromisoformat(left["expires"].replace(
-      "Z", "+00:00"))
-  time.sleep(max(0.0, (expires - datetime.datetime.now(
-      datetime.timezone.utc)).total_seconds()) + 0.5)
+  wait_for_lease_to_expire(left)
   after = _cli(root, out)
   out_text, err = after.communicate(timeout=300)
   assert after.returncode == 0, err

@@ -141,8 +141,9 @@ def export_elements(elements: Iterable[RawElement],
   dataset(tags) is called, once, only if some elements need pydicom to
   convert them: it returns a dataset holding at least those tags and what
   pydicom consults to convert them (part10.Part10Header.dataset_for).
-  context: the values of those other elements, and the encoding; a sequence
-  with explicit VR is converted once per distinct raw value and context.
+  context: the values of those other elements, and whether the VR is
+  implicit; a sequence with explicit VR is converted once per distinct raw
+  value and context.
   """
   return _export_converted(elements, dataset, True, "$", context)
 

@@ -8,8 +8,8 @@ when they are read, and the same character set. Its export by keyword
 (Part10Header.export) equals export_header of that dataset, but is made
 from the raw elements without making the dataset: only the elements that
 need pydicom (sequences, non-ASCII text ...) are converted, in a dataset of
-them and of the few elements pydicom consults to convert them. Sequences of undefined
-length are read by pydicom's own read_sequence. Only the walk from one
+them and of the few elements pydicom consults to convert them. Sequences
+of undefined length are read by pydicom's own read_sequence. Only the walk from one
 top-level element to the next is done here, with struct on the block,
 instead of by pydicom's general reader, which makes several file-object
 calls and checks per element and was two thirds of the cost of reading a
