@@ -11,6 +11,7 @@ from pipeline import lazy_imports, local_workers
 local_workers.start_early(sys.argv[1:])
 if local_workers.runs_locally(sys.argv[1:]):
   lazy_imports.defer_cloud_clients()
+  lazy_imports.leave_out_unused()
 
 from pipeline.run import main  # pylint: disable=wrong-import-position
 

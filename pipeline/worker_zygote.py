@@ -17,6 +17,8 @@ import socket
 import sys
 import traceback
 
+from pipeline import lazy_imports
+
 # Everything the workers import anyway; imported once, before any thread or
 # gRPC channel exists, so forking afterwards is safe.
 WARM_MODULES = (
@@ -77,8 +79,12 @@ def serve(socket_path: str, workers: int) -> None:
   # workers' collections neither scan them (~1% of a worker's CPU) nor
   # write to (and so copy) the pages they share with each other.
   gc.disable()
+  lazy_imports.leave_out_unused()
   for name in WARM_MODULES:
     importlib.import_module(name)
+  # Each worker builds its bundles' DoFns too; imported after the above,
+  # as it imports Beam.
+  importlib.import_module("pipeline.beam_tuning").apply()
   gc.freeze()
   for served in range(1, workers + 1):
     conn, _ = listener.accept()

@@ -1,11 +1,13 @@
-"""pipeline/beam_tuning.py memoizes two of Beam's construction costs; these
+"""pipeline/beam_tuning.py memoizes three of Beam's construction costs; these
 fail loudly when a Beam upgrade changes what it relies on."""
 import apache_beam as beam
 from apache_beam.options.pipeline_options import (DirectOptions,
                                                   PipelineOptions,
                                                   StandardOptions)
-from apache_beam.transforms import userstate
+from apache_beam.testing.util import assert_that, equal_to
+from apache_beam.transforms import core, userstate
 from apache_beam.transforms.userstate import BagStateSpec
+from apache_beam.typehints import decorators
 
 from pipeline import beam_tuning
 
@@ -45,3 +47,34 @@ def test_options_views_are_shared_per_object_and_class():
   other = PipelineOptions(["--runner=FnApiRunner"])
   assert other.view_as(StandardOptions).runner == "FnApiRunner"
   assert options.view_as(StandardOptions).runner is None
+
+
+class _Plain(beam.DoFn):
+
+  def process(self, element, prefix="p"):
+    yield prefix + element
+
+
+def test_signatures_are_memoized_and_equal_to_beams():
+  """Functions and methods bound to anything share one signature per
+  function; other callables are answered by Beam's own function."""
+  beam_tuning.apply()
+  memoized = decorators.get_signature
+  assert hasattr(memoized, "original")
+  assert core.get_signature is memoized
+  original = memoized.original
+  first, second = _Plain(), _Plain()
+  assert memoized(first.process) == original(first.process)
+  assert memoized(first.process) is memoized(second.process)
+  assert list(memoized(first.process).parameters) == ["element", "prefix"]
+  assert list(memoized(_Plain.process).parameters) == [
+      "self", "element", "prefix"]
+  assert memoized(str.upper) == original(str.upper)
+  assert memoized(int) == original(int)
+  # What Beam derives from them is unchanged.
+  assert core.get_function_arguments(first, "process") == (
+      ["element", "prefix"], ["p"])
+  with beam.Pipeline() as p:
+    out = (p | beam.Create(["a", "b"]) | beam.ParDo(_Plain())
+           | beam.Map(lambda s, suffix="!": s + suffix))
+    assert_that(out, equal_to(["pa!", "pb!"]))

@@ -97,15 +97,28 @@ def test_a_silent_warm_process_is_given_up_for_beams_own_worker(tmp_path):
 
 def test_the_drivers_unused_cloud_clients_load_at_first_use_only():
   """After Beam and the pipeline are imported with the deferral on, the
-  Pub/Sub, Dataflow and BigQuery clients have not run; the first attribute
-  looked up loads BigQuery's whole, submodules included."""
+  Pub/Sub, Dataflow and BigQuery clients have not run, not even once Beam's
+  state cache has weighed a value (it looks into loaded modules only); the
+  first attribute looked up loads BigQuery's whole, submodules included.
+  The MongoDB libraries left out are not loaded, and Beam's connector
+  imports without them."""
   script = """
 import sys, types
 from pipeline import lazy_imports
 lazy_imports.defer_cloud_clients()
+lazy_imports.leave_out_unused()
 import pipeline.run
+from apache_beam.io import mongodbio
+from apache_beam.runners.worker import statecache
 loaded = lambda n: type(sys.modules[n]) is types.ModuleType
+print(statecache.get_deep_size(["a value", {"of": 2}]) > 0)
 print([loaded(n) for n in lazy_imports.DEFERRED])
+print([sys.modules[n] for n in lazy_imports.UNUSED],
+      mongodbio.ReadFromMongoDB.__name__)
+try:
+  import bson
+except ImportError:
+  print("no bson")
 from google.cloud import bigquery
 print(bigquery.Client.__name__, bigquery.table.Table.__name__,
       loaded("google.cloud.bigquery"))
@@ -114,8 +127,9 @@ print(bigquery.Client.__name__, bigquery.table.Table.__name__,
                         text=True, timeout=120,
                         cwd=os.path.dirname(os.path.dirname(__file__)))
   assert done.returncode == 0, done.stderr[-2000:]
-  assert done.stdout.splitlines() == ["[False, False, False]",
-                                      "Client Table True"]
+  assert done.stdout.splitlines() == [
+      "True", "[False, False, False]", "[None, None] ReadFromMongoDB",
+      "no bson", "Client Table True"]
 
 
 def test_only_a_local_run_defers_them():
