@@ -28,6 +28,7 @@ Beam's connector imports as it does without them.
 
 import importlib.abc
 import importlib.util
+import logging
 import sys
 from typing import Iterable, Optional
 
@@ -69,9 +70,12 @@ def defer_cloud_clients(names: Iterable[str] = DEFERRED) -> None:
 
 def leave_out_unused(names: Iterable[str] = UNUSED) -> None:
   """Called before Beam is imported: `import name` raises ImportError for
-  each of these, as if not installed. No-op for modules already imported."""
+  each of these, as if not installed. No-op for modules already imported.
+  Beam's connector would warn that it found no BSON library: not news to
+  anyone running this pipeline."""
   for name in names:
     sys.modules.setdefault(name, None)
+  logging.getLogger("apache_beam.io.mongodbio").setLevel(logging.ERROR)
 
 
 def _weigh_loaded_modules_only() -> None:

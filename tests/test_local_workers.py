@@ -127,6 +127,7 @@ print(bigquery.Client.__name__, bigquery.table.Table.__name__,
                         text=True, timeout=120,
                         cwd=os.path.dirname(os.path.dirname(__file__)))
   assert done.returncode == 0, done.stderr[-2000:]
+  assert done.stderr == ""
   assert done.stdout.splitlines() == [
       "True", "[False, False, False]", "[None, None] ReadFromMongoDB",
       "no bson", "Client Table True"]
