@@ -20,10 +20,11 @@ of every loaded module, and so loaded each deferred module (~0.13 s):
 objsize now passes over modules not loaded yet (they hold nothing a
 value could share).
 
-Beam's MongoDB connector imports the MongoDB driver and its BSON library
-when they are installed (~0.12 s); this pipeline never reads MongoDB, so
-local runs (the driver and the warm worker process) leave them out, and
-Beam's connector imports as it does without them.
+Beam imports the MongoDB driver and its BSON library (its MongoDB
+connector, ~0.12 s) and Arrow (its Arrow type conversions, ~0.05 s) when
+they are installed, as optional extras; this pipeline uses none of them,
+so local runs (the driver and the warm worker process) leave them out,
+and Beam imports as it does without them.
 """
 
 import importlib.abc
@@ -34,7 +35,7 @@ from typing import Iterable, Optional
 
 DEFERRED = ("google.cloud.pubsub", "google.cloud.dataflow",
             "google.cloud.bigquery")
-UNUSED = ("pymongo", "bson")
+UNUSED = ("pymongo", "bson", "pyarrow", "pyarrow_hotfix")
 
 
 class _DeferredFinder(importlib.abc.MetaPathFinder):

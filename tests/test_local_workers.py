@@ -129,7 +129,8 @@ print(bigquery.Client.__name__, bigquery.table.Table.__name__,
   assert done.returncode == 0, done.stderr[-2000:]
   assert done.stderr == ""
   assert done.stdout.splitlines() == [
-      "True", "[False, False, False]", "[None, None] ReadFromMongoDB",
+      "True", "[False, False, False]",
+      "[None, None, None, None] ReadFromMongoDB",
       "no bson", "Client Table True"]
 
 
