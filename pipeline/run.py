@@ -49,6 +49,7 @@ from transforms.discover import (DiscoverEntityFiles, InputError,
                                  listing_patterns)
 from transforms.keys import join_uri
 from transforms.lease import CollectionBusy, Lease
+from transforms.once import Once
 from transforms.phi import FlagPhiByHeader, FlagPhiByPath
 from transforms.progress import PROGRESS_DIR_ENV, read_progress
 from transforms.report import (WriteRunReport, format_summary, read_report,
@@ -278,7 +279,7 @@ def build(p: beam.Pipeline, config: RunConfig, run_id: str,
     report.update(
         excluded=all_excluded,
         stored=written.stored, skipped=written.skipped, rows=checked.valid,
-        refused=refused[0] if refused else p | "NoneRefused" >> beam.Create([]),
+        refused=refused[0] if refused else p | "NoneRefused" >> Once([]),
         dead_letter=dead)
   _ = report | "WriteRunReport" >> WriteRunReport(
       config.report, run_id, __version__, config.collection, config.plan)

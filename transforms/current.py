@@ -12,6 +12,7 @@ from typing import (Dict, Iterable, Iterator, List, NamedTuple, Optional,
 import apache_beam as beam
 import orjson
 
+from transforms.once import Once
 from transforms.records import rfc3339_utc
 from transforms.files import open_binary
 from transforms.schema import METADATA_LAST, row_files
@@ -148,9 +149,9 @@ class ReadCurrentRows(beam.PTransform):
 
   def expand(self, pbegin):
     if self.overwrite:
-      return pbegin | "Nothing" >> beam.Create([])
+      return pbegin | "Nothing" >> Once([])
     return (pbegin
-            | "Source" >> beam.Create([self.metadata_dir or ""])
+            | "Source" >> Once([self.metadata_dir or ""])
             | "Read" >> beam.ParDo(_ReadCurrent(self.table))
             | "Spread" >> beam.Reshuffle())
 

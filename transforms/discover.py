@@ -19,6 +19,7 @@ from apache_beam.io.filesystem import FileSystem
 from apache_beam.io.filesystems import FileSystems
 
 from transforms.keys import UnsafeKeyComponent, check_key_component
+from transforms.once import Once
 from transforms.progress import Count
 from transforms.records import REJECTED, Excluded, SourceFile
 
@@ -252,7 +253,9 @@ class DiscoverEntityFiles(beam.PTransform):
   def expand(self, pbegin):
     listed = (
         pbegin
-        | "Roots" >> beam.Create(listing_patterns(self.roots, self.entities))
+        | "Roots" >> Once(listing_patterns(self.roots, self.entities))
+        # One root (an entity's folder) per worker, as they come.
+        | "SpreadRoots" >> beam.Reshuffle()
         | "ListRoot" >> beam.ParDo(_ListRoot())
         # Listing runs on one worker; spread the files over all of them.
         | "SpreadFiles" >> beam.Reshuffle()

@@ -17,6 +17,7 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
 from transforms.keys import ARCHIVE_SUFFIX, join_uri
+from transforms.once import Once
 from transforms.records import (COMPLETE_ROWS, FAILED, FLAGGED, REJECTED,
                                 SKIP, WRITE, Excluded, PlannedStudy,
                                 RecordedStudy, StoredStudy, duration)
@@ -312,7 +313,7 @@ class WriteRunReport(beam.PTransform):
         for part, outcome in self._outcomes(parts)]
     facts = [
         # One fact always, so that a run with no input still has a report.
-        parts["files"].pipeline | "Start" >> beam.Create([("start", None)]),
+        parts["files"].pipeline | "Start" >> Once([("start", None)]),
         *[_facts(listed, f"Seen{i}", "seen")
           for i, listed in enumerate(parts["seen"])],
         _facts(parts["files"], "Entities", "entity", lambda f: f.entity_id),

@@ -35,6 +35,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from transforms.current import CurrentRow
 from transforms.keys import join_uri
+from transforms.once import Once
 from transforms.progress import Count
 from transforms.records import (FLAGGED, REJECTED, Excluded, RecordedStudy,
                                 SourceFile)
@@ -284,7 +285,7 @@ class ReadExcludedLedger(beam.PTransform):
 
   def expand(self, pbegin):
     return (pbegin
-            | "Where" >> beam.Create([(self.bucket, self.collection)])
+            | "Where" >> Once([(self.bucket, self.collection)])
             | "Read" >> beam.ParDo(_ReadLedger()))
 
 
@@ -326,7 +327,7 @@ class WriteExcludedLedger(beam.PTransform):
                | "ByPath" >> beam.Map(lambda e: (e.path, e)))
     entries = inputs["files"] | "Entries" >> beam.FlatMap(
         _ledger_entry, beam.pvalue.AsDict(by_path), self.rules, self.run_id)
-    always = entries.pipeline | "Always" >> beam.Create([None])
+    always = entries.pipeline | "Always" >> Once([None])
     return ((entries, always)
             | "WithStart" >> beam.Flatten()
             | "OneKey" >> beam.Map(lambda e: (None, e))

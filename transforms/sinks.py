@@ -13,6 +13,7 @@ from apache_beam.metrics import Metrics
 
 from transforms.bigquery import TABLE_PARAMETERS
 from transforms.keys import join_uri
+from transforms.once import Once
 from transforms.schema import (METADATA, METADATA_LAST, ROWS_PREFIX,
                                SCHEMA_FILE, TABLE_SCHEMA, row_errors,
                                schema_json)
@@ -127,7 +128,7 @@ class WriteRowsLocal(beam.PTransform):
   def expand(self, rows):
     schema_path = join_uri(self.directory, SCHEMA_FILE)
     _ = (rows.pipeline
-         | "SchemaOnce" >> beam.Create([schema_path])
+         | "SchemaOnce" >> Once([schema_path])
          | "WriteSchema" >> beam.Map(write_text_file, schema_json()))
     return rows | "WriteRows" >> WriteJsonLines(
         self.directory, f"{ROWS_PREFIX}{self.run_id}", row_line)
@@ -174,4 +175,4 @@ class WriteRowsBigQuery(beam.PTransform):
               | "RefusedRows" >> beam.Map(_dead_letter))
     # Load jobs succeed or fail whole (and fail the run); rows were checked
     # against the schema before, so none is refused row by row.
-    return rows.pipeline | "NoRefusedRows" >> beam.Create([])
+    return rows.pipeline | "NoRefusedRows" >> Once([])

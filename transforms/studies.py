@@ -21,6 +21,7 @@ import apache_beam as beam
 
 from transforms.keys import (UnsafeKeyComponent, study_date_component,
                              study_object_key, study_object_name, uid_short_id)
+from transforms.once import Once
 from transforms.progress import Count
 from transforms.records import (FLAGGED, REJECTED, Excluded, ImageRecord,
                                 Study)
@@ -273,7 +274,7 @@ class GroupStudies(beam.PTransform):
     pipeline = inputs["images"].pipeline
     current = inputs.get("current")
     if current is None:
-      current = pipeline | "NoCurrentRows" >> beam.Create([])
+      current = pipeline | "NoCurrentRows" >> Once([])
     flagged = inputs["flagged"] | "KeyFlaggedByStudy" >> beam.Map(
         _flagged_by_study)
     build = _BuildStudy(self.collection, self.spill_dir)
