@@ -1,4 +1,5 @@
 """The study archive writer, on in-memory streams and temporary folders."""
+import dataclasses
 import gzip
 import io
 import json
@@ -6,15 +7,20 @@ import shutil
 import subprocess
 import tarfile
 
+import apache_beam as beam
 import pytest
+from apache_beam.testing.util import assert_that, equal_to
+from apache_beam.transforms.window import GlobalWindow
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conftest import local_pipeline
 from invariants import read_member_at
+from transforms import archive
 from transforms.archive import write_study_archive
 from transforms.archive_format import MANIFEST_NAME, StudyArchiveWriter
-from transforms.records import (HeaderPart, ImageRecord, SourceFile, Study,
-                                pack_text)
+from transforms.records import (FAILED, HeaderPart, ImageRecord, SourceFile,
+                                Study, pack_text)
 
 
 def _study(tmp_path, contents):
@@ -192,3 +198,57 @@ def test_tar_headers_are_tarfiles_bytes(name, size):
   (long ones and non-ASCII ones go through tarfile and get a pax header)."""
   from transforms.archive_format import _tarfile_header, tar_header
   assert tar_header(name, size) == _tarfile_header(name, size)
+
+
+def _named_study(tmp_path, name, contents):
+  folder = tmp_path / name
+  folder.mkdir()
+  study = _study(folder, contents)
+  return dataclasses.replace(
+      study, study_instance_uid=f"1.{name}", item_id=name,
+      object_key=f"Collection/C/Entity/E1/E1_20200101_{name}.tar.gz",
+      input_bytes=sum(len(c) for c in contents))
+
+
+def test_a_bundles_large_studies_are_written_after_its_small_ones(
+    tmp_path, monkeypatch):
+  """A large study is written when its bundle ends (its members take every
+  core), after the small studies that came after it; what a failed one
+  gives is as when written at once, in the global window."""
+  monkeypatch.setattr(archive, "LARGE_STUDY_BYTES", 1000)
+  large = _named_study(tmp_path, "L", [b"x" * 2000])
+  small = _named_study(tmp_path, "S", [b"y" * 10])
+  broken = _named_study(tmp_path, "B", [b"z" * 2000])
+  (tmp_path / "B" / "f0.dcm").write_bytes(b"z" * 1999)   # changed size
+  bucket = tmp_path / "bucket"
+  dofn = archive._WriteStudyArchive(str(bucket), 2, False)  # pylint: disable=protected-access
+  dofn.setup()
+  dofn.start_bundle()
+  assert list(dofn.process(large)) == []
+  assert [s.study.object_key for s in dofn.process(small)] == [
+      small.object_key]
+  assert list(dofn.process(broken)) == []
+  assert not (bucket / large.object_key).exists()
+  ended = list(dofn.finish_bundle())
+  assert [w.windows for w in ended[:1]] == [(GlobalWindow(),)]
+  assert ended[0].value.study.object_key == large.object_key
+  assert (bucket / large.object_key).exists()
+  failed, = ended[1:]
+  assert failed.tag == archive.EXCLUDED_TAG
+  assert failed.value.windows == (GlobalWindow(),)
+  assert failed.value.value.status == FAILED
+  assert "B/f0.dcm" in failed.value.value.path
+  dofn.start_bundle()
+  assert list(dofn.finish_bundle()) == []   # nothing left from a bundle
+
+
+def test_large_and_small_studies_are_all_stored_by_the_transform(
+    tmp_path, monkeypatch):
+  monkeypatch.setattr(archive, "LARGE_STUDY_BYTES", 1000)
+  studies = [_named_study(tmp_path, "L", [b"x" * 2000]),
+             _named_study(tmp_path, "S", [b"y" * 10])]
+  with local_pipeline() as p:
+    written = (p | beam.Create(studies)
+               | archive.WriteStudyArchive(str(tmp_path / "bucket")))
+    assert_that(written.stored | beam.Map(lambda s: s.study.object_key),
+                equal_to([s.object_key for s in studies]))

@@ -20,6 +20,7 @@ import apache_beam as beam
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
+from apache_beam.transforms.window import GlobalWindows
 
 from transforms.crash import crash_point
 from transforms.dicom import open_source
@@ -53,6 +54,12 @@ IN_FLIGHT_BYTES = 16 << 20
 # it take ~0.15 ms) are compressed by this thread: handing one to a pool
 # thread and taking its result back cost as much, in Python, as the work.
 INLINE_MEMBER_BYTES = TINY_MEMBER_BYTES
+# A study of more than this many input bytes is written at the end of its
+# bundle, after the bundle's smaller studies. A worker compresses a large
+# study's members on every core; its small studies, compressed one member
+# at a time, are written meanwhile by the other workers' studies if they
+# come first, and alone on one core if they come after it.
+LARGE_STUDY_BYTES = 256 << 20
 
 
 _pools: Dict[Tuple[int, int], concurrent.futures.ThreadPoolExecutor] = {}
@@ -219,7 +226,26 @@ class _WriteStudyArchive(beam.DoFn):
     if self.bucket.startswith("gs://"):
       self.gcs = storage_client()
 
+  def start_bundle(self):
+    self._large: List[Study] = []
+
   def process(self, study: Study) -> Iterable[StoredStudy]:
+    if study.input_bytes > LARGE_STUDY_BYTES:
+      self._large.append(study)   # a few small records: written last
+      return
+    yield from self._store_or_fail(study)
+
+  def finish_bundle(self):
+    large, self._large = self._large, []
+    for study in large:
+      for output in self._store_or_fail(study):
+        if isinstance(output, beam.pvalue.TaggedOutput):
+          yield beam.pvalue.TaggedOutput(
+              output.tag, GlobalWindows.windowed_value(output.value))
+        else:
+          yield GlobalWindows.windowed_value(output)
+
+  def _store_or_fail(self, study: Study) -> Iterable:
     try:
       yield from self._store(study, list(study.current))
     except Exception as e:  # pylint: disable=broad-except

@@ -118,6 +118,9 @@ class Study:
   # Its current rows before this run (transforms/current.py tuples): what
   # the archive writer compares with the stored object's manifest.
   current: Tuple[tuple, ...] = ()
+  # Its images' input bytes: how large it is, known without reading its
+  # images back.
+  input_bytes: int = 0
 
   @property
   def archive_root(self) -> str:

@@ -57,6 +57,7 @@ class StudyEntry(NamedTuple):
   facts: NamingFacts
   path: str
   image: Any
+  size_bytes: int
 
   @property
   def sop_instance_uid(self) -> str:
@@ -66,7 +67,8 @@ class StudyEntry(NamedTuple):
 def study_entry(image: ImageRecord, spilled_at: Optional[bytes] = None
                 ) -> StudyEntry:
   return StudyEntry(naming_facts(image), image.source.path,
-                    image if spilled_at is None else spilled_at)
+                    image if spilled_at is None else spilled_at,
+                    image.source.size_bytes)
 
 
 def _fact_order(fact: NamingFacts) -> tuple:
@@ -117,7 +119,8 @@ def build_study(collection: str, entity_id: str, study_uid: str,
                 study_date=study_date, item_id=item_id,
                 object_key=study_object_key(collection, entity_id, study_date,
                                             item_id),
-                images=hold(entry.image for entry in kept))
+                images=hold(entry.image for entry in kept),
+                input_bytes=sum(entry.size_bytes for entry in kept))
   return study, duplicates
 
 
