@@ -6,14 +6,14 @@ import sys
 
 from pipeline import lazy_imports, local_workers
 
-# Before Beam is imported: the workers' imports overlap the driver's, and
-# the driver of a local run leaves unused cloud clients unloaded.
-local_workers.start_early(sys.argv[1:])
-if local_workers.runs_locally(sys.argv[1:]):
-  lazy_imports.defer_cloud_clients()
-  lazy_imports.leave_out_unused()
-
-from pipeline.run import main  # pylint: disable=wrong-import-position
+with lazy_imports.without_collection():
+  # Before Beam is imported: the workers' imports overlap the driver's, and
+  # the driver of a local run leaves unused cloud clients unloaded.
+  local_workers.start_early(sys.argv[1:])
+  if local_workers.runs_locally(sys.argv[1:]):
+    lazy_imports.defer_cloud_clients()
+    lazy_imports.leave_out_unused()
+  from pipeline.run import main  # pylint: disable=wrong-import-position
 
 
 def exit_now(code: int) -> None:

@@ -1,5 +1,6 @@
 """The local runner's worker processes: forked from the warm process, or
 Beam's own when no warm process answers; nothing left running after."""
+import gc
 import os
 import socket
 import subprocess
@@ -10,7 +11,7 @@ import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing.util import assert_that
 
-from pipeline import local_workers
+from pipeline import lazy_imports, local_workers
 from pipeline.run import local_runner
 
 MULTI_PROCESS = ["--direct_running_mode=multi_processing",
@@ -138,3 +139,14 @@ def test_only_a_local_run_defers_them():
   assert local_workers.runs_locally(["--input=x"])
   assert local_workers.runs_locally(["--runner=DirectRunner"])
   assert not local_workers.runs_locally(["--runner=DataflowRunner"])
+
+
+def test_imports_run_without_collection_and_stay_out_of_later_ones():
+  assert gc.isenabled()
+  frozen = gc.get_freeze_count()
+  with lazy_imports.without_collection():
+    assert not gc.isenabled()
+    made = [[i] for i in range(1000)]
+  assert gc.isenabled()
+  assert gc.get_freeze_count() >= frozen + len(made)
+  gc.unfreeze()   # this test's process goes on: as it was
