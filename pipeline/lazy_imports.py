@@ -11,8 +11,11 @@ the first attribute looked up on it.
 
 Only in the driver of a local run, before Beam is imported: Python 3.11's
 LazyLoader is not thread-safe, and there the first use of each is on the
-main thread (BigQuery's in the checks before the graph runs). Worker
-processes, Dataflow launches and tests import as usual.
+main thread (BigQuery's in the checks before the graph runs). The warm
+worker process defers only the two that no worker ever uses (Pub/Sub's
+and the Dataflow API's: never loaded, so never loaded by two threads at
+once); BigQuery's, which workers use from their threads, it imports as
+usual. Dataflow launches and tests import as usual.
 
 A run of a few files runs its bundles in the driver, where Beam's state
 cache weighs each side input with objsize, which looks into the globals
@@ -35,8 +38,8 @@ import logging
 import sys
 from typing import Iterable, Iterator, Optional
 
-DEFERRED = ("google.cloud.pubsub", "google.cloud.dataflow",
-            "google.cloud.bigquery")
+NEVER_USED_BY_WORKERS = ("google.cloud.pubsub", "google.cloud.dataflow")
+DEFERRED = NEVER_USED_BY_WORKERS + ("google.cloud.bigquery",)
 UNUSED = ("pymongo", "bson", "pyarrow", "pyarrow_hotfix")
 
 

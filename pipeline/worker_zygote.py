@@ -65,6 +65,18 @@ def _run_worker(conn: socket.socket) -> None:
     os._exit(code)  # pylint: disable=protected-access
 
 
+def import_warm_modules() -> None:
+  """What every worker imports, less what no worker uses
+  (pipeline/lazy_imports.py)."""
+  lazy_imports.leave_out_unused()
+  lazy_imports.defer_cloud_clients(lazy_imports.NEVER_USED_BY_WORKERS)
+  for name in WARM_MODULES:
+    importlib.import_module(name)
+  # Each worker builds its bundles' DoFns too; imported after the above,
+  # as it imports Beam.
+  importlib.import_module("pipeline.beam_tuning").apply()
+
+
 def serve(socket_path: str, workers: int) -> None:
   """Forks `workers` - 1 workers, one per request, and becomes the last one
   itself: the runner asks for them all at once, and an idle warm process
@@ -79,12 +91,7 @@ def serve(socket_path: str, workers: int) -> None:
   # workers' collections neither scan them (~1% of a worker's CPU) nor
   # write to (and so copy) the pages they share with each other.
   gc.disable()
-  lazy_imports.leave_out_unused()
-  for name in WARM_MODULES:
-    importlib.import_module(name)
-  # Each worker builds its bundles' DoFns too; imported after the above,
-  # as it imports Beam.
-  importlib.import_module("pipeline.beam_tuning").apply()
+  import_warm_modules()
   gc.freeze()
   for served in range(1, workers + 1):
     conn, _ = listener.accept()

@@ -135,6 +135,27 @@ print(bigquery.Client.__name__, bigquery.table.Table.__name__,
       "no bson", "Client Table True"]
 
 
+def test_the_warm_process_defers_only_the_clients_no_worker_uses():
+  """Workers use BigQuery's client from their threads (where a deferred
+  import is not safe): the warm process imports it whole, and leaves the
+  Pub/Sub and Dataflow API clients, which no worker uses, unloaded."""
+  script = """
+import sys, types
+from pipeline import lazy_imports, worker_zygote
+worker_zygote.import_warm_modules()
+loaded = lambda n: type(sys.modules[n]) is types.ModuleType
+print([loaded(n) for n in lazy_imports.DEFERRED])
+print([sys.modules[n] for n in lazy_imports.UNUSED])
+"""
+  done = subprocess.run([sys.executable, "-c", script], capture_output=True,
+                        text=True, timeout=120,
+                        cwd=os.path.dirname(os.path.dirname(__file__)))
+  assert done.returncode == 0, done.stderr[-2000:]
+  assert done.stderr == ""
+  assert done.stdout.splitlines() == ["[False, False, True]",
+                                      "[None, None, None, None]"]
+
+
 def test_only_a_local_run_defers_them():
   assert local_workers.runs_locally(["--input=x"])
   assert local_workers.runs_locally(["--runner=DirectRunner"])
