@@ -8,7 +8,8 @@ from pipeline import lazy_imports, local_workers
 
 with lazy_imports.without_collection():
   # Before Beam is imported: the workers' imports overlap the driver's, and
-  # the driver of a local run leaves unused cloud clients unloaded.
+  # the driver of a local run leaves unused cloud clients unloaded and
+  # unused optional libraries out.
   local_workers.start_early(sys.argv[1:])
   if local_workers.runs_locally(sys.argv[1:]):
     lazy_imports.defer_cloud_clients()
